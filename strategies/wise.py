@@ -1,0 +1,256 @@
+"""WISE (arXiv 2405.14768): side memory, activation routing, knowledge sharding, merging, retrieval."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
+from wise_cl.data import EditBatch
+from wise_cl.editing_forward import CachedForward, FullForward
+from wise_cl.evaluation import teacher_forced_batch
+from wise_cl.merging import MERGE_METHODS, merge_task_vectors
+from wise_cl.metrics import per_request_mean
+from wise_cl.records import read_irrelevant_prompts
+from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory
+from wise_cl.strategies.base import EditStrategy
+
+CONTEXT_SEEDS = ("I", "You", "Because", "Yes", "So", "The", "When", "It", "We", "In")
+
+
+class WISE(EditStrategy):
+    """Edit a side copy of one FFN projection; route each sequence to it by activation score.
+
+    Args:
+        layer: module path of the Linear holding the main memory.
+        mask_ratio: rho, the share of entries each knowledge shard may change.
+        edits_per_shard: consecutive edits that share one random subspace.
+        shards_per_merge: k, shards merged into one side memory when all are complete.
+        merge_method: `ties`, `linear`, `dare` or `dare_ties`.
+        merge_density: share of each task vector kept by trimming (Ties) or dropping (DARE).
+        prior_merge_weight: weight of the previous merged memory when new shards join it.
+        alpha: margin the irrelevant sample's activation score is pushed below.
+        beta: margin the edit rows' activation scores are pushed above.
+        gamma: margin between edit and irrelevant activation scores.
+        act_ratio: routing threshold as a share of the smallest edit score a memory holds.
+        lr: SGD learning rate on the side memory.
+        n_iter: optimisation steps per experience at most.
+        early_stop_loss: stop an experience's loop once the loss is below this.
+        num_context: generated context prefixes per edit row (rows per edit = 1 + num_context).
+        context_length: tokens per generated prefix.
+        irrelevant_source: bundled data set name or JSON list of the irrelevant texts (edit i uses text i).
+        retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
+        cached_forward: run layers below the edited one once per experience (False: full model each step).
+        seed: seed for masks and context prefixes.
+    """
+
+    name = "wise"
+
+    def __init__(
+        self,
+        layer: str = "model.layers.25.mlp.down_proj",
+        mask_ratio: float = 0.2,
+        edits_per_shard: int = 50,
+        shards_per_merge: int = 2,
+        merge_method: str = "ties",
+        merge_density: float = 0.5,
+        prior_merge_weight: float = 2.0,
+        alpha: float = 5.0,
+        beta: float = 20.0,
+        gamma: float = 10.0,
+        act_ratio: float = 0.88,
+        lr: float = 1.0,
+        n_iter: int = 70,
+        early_stop_loss: float = 0.01,
+        num_context: int = 10,
+        context_length: int = 10,
+        irrelevant_source: str = "zsre",
+        retrieve: bool = False,
+        cached_forward: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if merge_method not in MERGE_METHODS:
+            raise ValueError(f"strategy.merge_method: unknown '{merge_method}'; expected one of {MERGE_METHODS}")
+        if not 0 < mask_ratio <= 1 or not 0 < merge_density <= 1:
+            raise ValueError("strategy.mask_ratio and strategy.merge_density must lie in (0, 1]")
+        if num_context > len(CONTEXT_SEEDS):
+            raise ValueError(f"strategy.num_context is at most {len(CONTEXT_SEEDS)}")
+        self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
+        self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
+        self.merge_method, self.merge_density, self.prior_merge_weight = merge_method, merge_density, prior_merge_weight
+        self.alpha, self.beta, self.gamma, self.act_ratio = alpha, beta, gamma, act_ratio
+        self.lr, self.n_iter, self.early_stop_loss = lr, n_iter, early_stop_loss
+        self.num_context, self.context_length = num_context, context_length
+        self.irrelevant_source, self.cached_forward = irrelevant_source, cached_forward
+        self.contexts: list[str] = []
+
+    # set-up -------------------------------------------------------------------------------------
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().prepare(model, tokenizer)
+        self.irrelevant = read_irrelevant_prompts(self.irrelevant_source)
+        self.adapter: SideMemoryLinear = attach_side_memory(model, self.layer)
+        weight = self.adapter.weight
+        self.tau = torch.zeros_like(weight, requires_grad=True)
+        self.shards: list[Tensor] = []  # finished shards of the current memory, not merged yet
+        self.merged: Tensor | None = None  # merge of the current memory's earlier groups
+        self.frozen: list[tuple[Tensor, float]] = []  # WISE-Retrieve: finished memories, with min score
+        self.min_score = math.inf
+        self.shard_index, self.edits_in_shard = 0, 0
+        self.mask = self._shard_mask(0)
+
+    def detach(self) -> None:
+        """Remove the side memory; the model is the unedited one again."""
+        detach_side_memory(self.model, self.layer)
+
+    @torch.no_grad()
+    def _generate_contexts(self) -> list[str]:
+        """Short texts the unedited model writes after seeds like "I" or "Because" (sampled, seeded)."""
+        texts = []
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            for start in CONTEXT_SEEDS[: self.num_context]:
+                inputs = self.tokenizer(start, return_tensors="pt").to(self.model.device)
+                out = self.model.generate(
+                    **inputs, do_sample=True, max_new_tokens=self.context_length, pad_token_id=self.tokenizer.pad_token_id
+                )
+                texts.append(" ".join(self.tokenizer.decode(out[0], skip_special_tokens=True).split()))
+        return texts
+
+    def _shard_mask(self, index: int) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        mask = torch.rand(self.adapter.weight.shape, generator=generator) < self.mask_ratio
+        return mask.to(self.adapter.weight.device, self.adapter.weight.dtype)
+
+    # editing ------------------------------------------------------------------------------------
+
+    def edit(self, batch: EditBatch) -> dict[str, float]:
+        if len(self.contexts) < self.num_context:
+            self.contexts = self._generate_contexts()
+        prompts, targets = [], []
+        for request in batch.requests:
+            for context in ("", *self.contexts):
+                prompts.append(f"{context} {request.prompt}" if context else request.prompt)
+                targets.append(request.target)
+        irrelevant = [self.irrelevant[i % len(self.irrelevant)] for i in batch.indices]
+        rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(self.model.device)
+        forward = (
+            CachedForward(self.model, self.adapter, rows, self.layer)
+            if self.cached_forward
+            else FullForward(self.model, self.adapter, rows)
+        )
+        optimizer = torch.optim.SGD([self.tau], lr=self.lr)
+        n_edit = len(prompts)
+        for step in range(1, self.n_iter + 1):
+            logits, scores = forward(self.tau)
+            nll = F.cross_entropy(logits.float(), rows.labels, reduction="none")
+            edit_loss = per_request_mean(nll, rows.rows, n_edit).mean()
+            act_loss = self.activation_loss(scores[:n_edit], scores[n_edit:])
+            loss = edit_loss + act_loss
+            if loss.item() < self.early_stop_loss:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            self.tau.grad.mul_(self.mask)
+            optimizer.step()
+        with torch.no_grad():
+            _, scores = forward(self.tau)
+        plain_rows = scores[: n_edit : 1 + len(self.contexts)]
+        self.min_score = min(self.min_score, plain_rows.min().item())
+        self.edits_in_shard += len(batch)
+        self._publish()
+        return {"loss": loss.item(), "edit_loss": edit_loss.item(), "act_loss": act_loss.item(), "steps": step}
+
+    def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
+        """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""
+        d_i = irrelevant_scores.mean()
+        return (
+            F.relu(d_i - edit_scores + self.gamma).mean()
+            + F.relu(irrelevant_scores - self.alpha).mean()
+            + F.relu(self.beta - edit_scores).mean()
+        )
+
+    # memory management (called by the callbacks in wise_cl.callbacks) ----------------------------
+
+    def shard_full(self) -> bool:
+        return self.edits_in_shard >= self.edits_per_shard
+
+    def close_shard(self) -> None:
+        """Keep the finished shard for merging; the next edits train a new random subspace from W."""
+        self.shards.append(self.tau.detach().clone())
+        self.shard_index += 1
+        self.mask = self._shard_mask(self.shard_index)
+        with torch.no_grad():
+            self.tau.zero_()
+        self.edits_in_shard = 0
+
+    def group_full(self) -> bool:
+        return len(self.shards) >= self.shards_per_merge
+
+    def merge(self) -> None:
+        """Merge the finished shards (and the earlier merged memory) into one side memory."""
+        self.merged = self._consolidated(include_current=False)
+        self.shards = []
+        self._publish()
+
+    def spawn(self) -> None:
+        """WISE-Retrieve: freeze the merged memory with its threshold and start an empty one."""
+        if self.merged is None:
+            return
+        self.frozen.append((self.merged, self.min_score))
+        self.merged, self.min_score = None, math.inf
+        self._publish()
+
+    def _consolidated(self, include_current: bool = True) -> Tensor | None:
+        parts = self.shards + ([self.tau.detach()] if include_current and self.edits_in_shard else [])
+        if self.merged is None and len(parts) <= 1:
+            return parts[0].clone() if parts else None
+        taus = ([self.merged] if self.merged is not None else []) + parts
+        weights = ([self.prior_merge_weight] if self.merged is not None else []) + [1.0] * len(parts)
+        return merge_task_vectors(taus, self.merge_method, self.merge_density, weights, seed=self.seed + self.shard_index)
+
+    def _publish(self) -> None:
+        """Hand the serving side memories and their thresholds to the adapter."""
+        memories = list(self.frozen)
+        active = self._consolidated()
+        if active is not None:
+            memories.append((active, self.min_score))
+        self.adapter.taus = [tau for tau, _ in memories]
+        self.adapter.thresholds = [self.act_ratio * score for _, score in memories]
+
+    def callbacks(self) -> list[Any]:
+        memory = [KnowledgeSharding(), KnowledgeMerging()]
+        return memory + [MemorySpawning()] if self.retrieve else memory
+
+    def describe(self) -> dict[str, Any]:
+        return {"merge_method": self.merge_method, "num_side_memories": len(self.adapter.taus), "layer": self.layer}
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tau": self.tau.detach().clone(),
+            "shards": list(self.shards),
+            "merged": self.merged,
+            "frozen": [tau for tau, _ in self.frozen],
+            "frozen_min_scores": [score for _, score in self.frozen],
+            "min_score": self.min_score,
+            "shard_index": self.shard_index,
+            "edits_in_shard": self.edits_in_shard,
+            "contexts": list(self.contexts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.tau.copy_(state["tau"])
+        self.shards, self.merged = list(state["shards"]), state["merged"]
+        self.frozen = list(zip(state["frozen"], state["frozen_min_scores"], strict=True))
+        self.min_score, self.contexts = state["min_score"], list(state["contexts"])
+        self.shard_index, self.edits_in_shard = state["shard_index"], state["edits_in_shard"]
+        self.mask = self._shard_mask(self.shard_index)
+        self._publish()

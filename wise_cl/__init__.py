@@ -1,0 +1,1 @@
+"""wise-cl: lifelong model editing with WISE on PyTorch Lightning."""

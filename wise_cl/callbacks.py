@@ -1,0 +1,137 @@
+"""Callbacks of a lifelong editing run: WISE memory management and forgetting curves.
+
+The memory callbacks act after each experience through `after_edit(strategy)`, which the
+Lightning hook and the Avalanche plugin both call, so the schedule exists once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from wise_cl.evaluation import predict_answers
+from wise_cl.metrics import Forgetting, per_request_mean
+
+
+class MemoryCallback(Callback):
+    """Runs `after_edit` on the module's strategy after every training batch (experience)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after_edit(pl_module.strategy)
+
+    def after_edit(self, strategy: Any) -> None:
+        raise NotImplementedError
+
+
+class KnowledgeSharding(MemoryCallback):
+    """Every `edits_per_shard` edits: close the shard and draw a new random subspace."""
+
+    def after_edit(self, strategy: Any) -> None:
+        if strategy.shard_full():
+            strategy.close_shard()
+
+
+class KnowledgeMerging(MemoryCallback):
+    """When `shards_per_merge` shards are complete: merge them into the side memory."""
+
+    def after_edit(self, strategy: Any) -> None:
+        if strategy.group_full():
+            strategy.merge()
+
+
+class MemorySpawning(MemoryCallback):
+    """WISE-Retrieve: when a merged memory is complete, freeze it and start a new one."""
+
+    def after_edit(self, strategy: Any) -> None:
+        if strategy.merged is not None:
+            strategy.spawn()
+
+
+def request_scores(pl_module: L.LightningModule, requests: list, reference: list[torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    """Per request: reliability, generalization (first rephrase, if any) and locality."""
+    model, tokenizer = pl_module.model, pl_module.tokenizer
+    scores: dict[str, list[torch.Tensor]] = {"reliability": [], "generalization": [], "locality": []}
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        pairs = {
+            "reliability": ([r.prompt for r in chunk], [r.target for r in chunk]),
+            "locality": ([r.locality_prompt for r in chunk], [r.locality_answer for r in chunk]),
+        }
+        if all(r.rephrases for r in chunk):
+            pairs["generalization"] = ([r.rephrases[0] for r in chunk], [r.target for r in chunk])
+        for name, (prompts, answers) in pairs.items():
+            out = predict_answers(model, tokenizer, prompts, answers)
+            target = torch.cat(reference[start : start + len(chunk)]) if name == "locality" else out.labels
+            scores[name].append(per_request_mean((out.preds == target.to(out.preds.device)).double(), out.rows, len(chunk)))
+    return {name: torch.cat(values) for name, values in scores.items() if values}
+
+
+class ForgettingCurve(Callback):
+    """Every `every_n_edits` edits, re-score all edits seen so far and log the forgetting curves.
+
+    Logs mean reliability, generalization, locality and forgetting (best reliability seen minus
+    current, per request) against the number of edits, and draws `forgetting_curve.png` at the end.
+    """
+
+    def __init__(self, every_n_edits: int = 10) -> None:
+        self.every_n_edits = every_n_edits
+        self.history: list[dict[str, float]] = []
+        self.forgetting: Forgetting | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        done, total = pl_module.edits_done, len(pl_module.stream)
+        if done % self.every_n_edits and done != total:
+            return
+        if self.forgetting is None:
+            self.forgetting = Forgetting(total)
+        requests = pl_module.stream[:done]
+        scores = request_scores(pl_module, requests, pl_module.reference, trainer.datamodule.eval_batch_size)
+        self.forgetting.update(torch.arange(done), scores["reliability"])
+        point = {name: float(values.mean()) for name, values in scores.items()}
+        point["forgetting"] = float(self.forgetting.compute())
+        for logger in trainer.loggers:
+            logger.log_metrics({f"curve/{k}": v for k, v in point.items()}, step=done)
+        self.history.append({"edits": done, **point})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.history and trainer.log_dir:
+            plot_curves({pl_module.strategy.name: self.history}, Path(trainer.log_dir) / "forgetting_curve.png")
+
+    def state_dict(self) -> dict[str, Any]:
+        states = {k: getattr(self.forgetting, k) for k in ("best", "current", "seen")} if self.forgetting else None
+        return {"history": self.history, "forgetting_states": states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = state["history"]
+        if state["forgetting_states"] is not None:
+            states = state["forgetting_states"]
+            self.forgetting = Forgetting(len(states["best"]))
+            for name, value in states.items():
+                setattr(self.forgetting, name, value)
+
+
+def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """One panel per metric, one line per run, edits seen on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("reliability", "generalization", "locality", "forgetting") if any(m in h[0] for h in histories.values())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for name, history in histories.items():
+            ax.plot([p["edits"] for p in history], [p.get(metric, float("nan")) for p in history], marker="o", label=name)
+        ax.set_title(metric)
+        ax.set_xlabel("edits seen")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

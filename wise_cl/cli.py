@@ -1,0 +1,62 @@
+"""`wise-cl`: the LightningCLI of lifelong editing (`fit` edits the stream then scores it, `test` scores)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from wise_cl.data import EditStreamDataModule
+from wise_cl.module import EditingModule
+
+TABLE_KEYS = ("reliability", "generalization", "ood_generalization", "locality", "exact_match", "perplexity")
+
+
+class WiseCLI(LightningCLI):
+    """LightningCLI whose runs end by writing `metrics.json` into the log folder."""
+
+    def after_fit(self) -> None:
+        self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        self.write_metrics()
+
+    def after_test(self) -> None:
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        summary = self.model.summary()
+        folder = Path(self.trainer.log_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "metrics.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_table(summary))
+        print(path)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The scores as a small aligned table."""
+    rows = [(k, summary[k]) for k in TABLE_KEYS if k in summary]
+    rows += [(k, summary[k]) for k in ("num_edits", "edit_seconds_median") if summary.get(k) is not None]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]
+    for key, value in rows:
+        shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> None:
+    WiseCLI(
+        EditingModule,
+        EditStreamDataModule,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False, "accelerator": "auto"},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The edit stream as a Lightning DataModule: one training batch = one experience of edit requests."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from wise_cl.records import EditRequest, read_requests
+
+
+@dataclass
+class EditBatch:
+    """Edit requests with their positions in the stream."""
+
+    indices: list[int]
+    requests: list[EditRequest]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @staticmethod
+    def collate(items: list[tuple[int, EditRequest]]) -> EditBatch:
+        return EditBatch([i for i, _ in items], [r for _, r in items])
+
+
+class EditRequests(Dataset):
+    """`(stream index, request)` pairs."""
+
+    def __init__(self, requests: list[EditRequest]) -> None:
+        self.requests = requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, i: int) -> tuple[int, EditRequest]:
+        return i, self.requests[i]
+
+
+class ResumingBatchSampler(Sampler[list[int]]):
+    """Consecutive batches from stream index `start` on; its length counts the whole stream so that
+    Lightning's batch counters, restored from a checkpoint, end the epoch after the last edit."""
+
+    def __init__(self, size: int, batch_size: int, start: int = 0) -> None:
+        self.size, self.batch_size, self.start = size, batch_size, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for first in range(self.start, self.size, self.batch_size):
+            yield list(range(first, min(first + self.batch_size, self.size)))
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+
+class EditStreamLoader(DataLoader):
+    """A DataLoader Lightning treats as resumable: the position lives in the module's checkpoint
+    (`edits_done`), which `EditStreamDataModule.train_dataloader` reads to start after it."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore here: see the class docstring."""
+
+
+class EditStreamDataModule(L.LightningDataModule):
+    """The first `num_edits` requests of a data file, in file order.
+
+    Args:
+        path: a bundled data set (`zsre`, `hallucination`, `temporal`, `counterfact`) or a JSON file.
+        num_edits: how many requests the stream holds (T).
+        edits_per_experience: requests per training batch; each batch is one experience.
+        eval_batch_size: requests per batch when scoring.
+        layout: force a layout instead of detecting it from the first record.
+    """
+
+    def __init__(
+        self,
+        path: str | Path = "zsre",
+        num_edits: int = 100,
+        edits_per_experience: int = 1,
+        eval_batch_size: int = 16,
+        layout: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_edits", num_edits), ("edits_per_experience", edits_per_experience), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {value}")
+        self.path = path
+        self.num_edits = num_edits
+        self.edits_per_experience = edits_per_experience
+        self.eval_batch_size = eval_batch_size
+        self.layout = layout
+        self.requests: list[EditRequest] = []
+
+    def prepare_data(self) -> None:
+        self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.requests:
+            self.requests = read_requests(self.path, self.layout, self.num_edits)
+
+    def train_dataloader(self) -> DataLoader:
+        """The edits not yet applied: a resumed run starts after the edits its module already holds."""
+        done = getattr(self.trainer.lightning_module, "edits_done", 0) if self.trainer else 0
+        sampler = ResumingBatchSampler(len(self.requests), self.edits_per_experience, start=done)
+        return EditStreamLoader(EditRequests(self.requests), batch_sampler=sampler, collate_fn=EditBatch.collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(EditRequests(self.requests), batch_size=self.eval_batch_size, collate_fn=EditBatch.collate)

@@ -1,0 +1,201 @@
+"""Edit requests and readers for the JSON layouts used by WISE and EasyEdit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+class EditDataError(ValueError):
+    """A data file or record that cannot be used, with the file, record and field named."""
+
+    def __init__(self, path: str | Path, message: str, index: int | None = None, field_name: str | None = None):
+        where = str(path)
+        if index is not None:
+            where += f", record {index}"
+        if field_name is not None:
+            where += f", field '{field_name}'"
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit: make `prompt` answer `target`, generalise to the rephrases, leave locality alone."""
+
+    prompt: str
+    target: str
+    locality_prompt: str
+    locality_answer: str
+    rephrases: tuple[str, ...] = ()
+    subject: str | None = None
+    ood_rephrase: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one JSON layout names the fields of an `EditRequest`."""
+
+    name: str
+    prompt: str
+    target: str
+    locality_prompt: str
+    locality_answer: str
+    rephrase: str | None = None
+    ood_rephrase: str | None = None
+    signature: tuple[str, ...] = field(default=())
+
+    def matches(self, record: dict[str, Any]) -> bool:
+        return all(key in record for key in self.signature)
+
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        Layout("zsre", "src", "alt", "loc", "loc_ans", rephrase="rephrase", signature=("src", "alt")),
+        Layout(
+            "counterfact",
+            "prompt",
+            "target_new",
+            "locality_prompt",
+            "locality_ground_truth",
+            rephrase="rephrase_prompt",
+            signature=("prompt", "target_new", "rephrase_prompt"),
+        ),
+        Layout(
+            "temporal",
+            "prompt",
+            "target_new",
+            "locality_prompt",
+            "locality_ground_truth",
+            ood_rephrase="ood_rephrase",
+            signature=("prompt", "target_new", "ood_rephrase"),
+        ),
+        Layout(
+            "hallucination",
+            "prompt",
+            "target_new",
+            "locality_prompt",
+            "locality_ground_truth",
+            signature=("prompt", "target_new"),
+        ),
+    )
+}
+
+BUNDLED_FILES = {
+    "zsre": "zsre/zsre_mend_edit.json",
+    "hallucination": "hallucination/hallucination-edit.json",
+    "temporal": "temporal/temporal-edit.json",
+    "counterfact": "counterfact/counterfact-edit.json",
+}
+IRRELEVANT_KEYS = {"zsre": "ZsRE", "hallucination": "hallucination", "temporal": "temporal"}
+
+
+def bundled_path(relative: str) -> Path:
+    """Path of a data file shipped with wise-cl (under `wise_cl/benchmarks/data`)."""
+    return Path(str(resources.files("wise_cl.benchmarks") / "data" / relative))
+
+
+def resolve_data_path(path_or_name: str | Path) -> Path:
+    """A bundled data set name (`zsre`, `counterfact`, ...) or a path to a JSON file."""
+    if str(path_or_name) in BUNDLED_FILES:
+        return bundled_path(BUNDLED_FILES[str(path_or_name)])
+    return Path(path_or_name)
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise EditDataError(path, "file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EditDataError(path, f"malformed JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
+
+
+def _text(path: Path, index: int, record: dict[str, Any], key: str, required: bool = True) -> str | None:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise EditDataError(path, "missing field", index, key)
+        return None
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = value[0]
+    if not isinstance(value, str):
+        raise EditDataError(path, f"expected text, got {type(value).__name__}", index, key)
+    if required and not value.strip():
+        raise EditDataError(path, "empty text", index, key)
+    return value
+
+
+def detect_layout(path: Path, records: Sequence[Any]) -> Layout:
+    """The layout whose signature fields the first record carries."""
+    first = records[0]
+    if not isinstance(first, dict):
+        raise EditDataError(path, f"expected a JSON object, got {type(first).__name__}", 0)
+    for layout in LAYOUTS.values():
+        if layout.matches(first):
+            return layout
+    raise EditDataError(
+        path, f"unknown layout (fields {sorted(first)}); expected one of {sorted(LAYOUTS)}", 0
+    )
+
+
+def _to_request(path: Path, index: int, record: Any, layout: Layout) -> EditRequest:
+    if not isinstance(record, dict):
+        raise EditDataError(path, f"expected a JSON object, got {type(record).__name__}", index)
+    get = partial(_text, path, index, record)
+    rephrase = get(layout.rephrase, False) if layout.rephrase else None
+    return EditRequest(
+        prompt=get(layout.prompt),
+        target=get(layout.target),
+        locality_prompt=get(layout.locality_prompt),
+        locality_answer=get(layout.locality_answer),
+        rephrases=(rephrase,) if rephrase else (),
+        subject=get("subject", False),
+        ood_rephrase=get(layout.ood_rephrase) if layout.ood_rephrase else None,
+    )
+
+
+def read_requests(path_or_name: str | Path, layout: str | None = None, limit: int | None = None) -> list[EditRequest]:
+    """Read edit requests from a bundled data set name or a JSON file in a known layout.
+
+    The layout is detected from the first record unless `layout` names one. `limit` keeps the
+    first records in file order; every kept record is validated.
+    """
+    path = resolve_data_path(path_or_name)
+    records = _load_json(path)
+    if not isinstance(records, list) or not records:
+        raise EditDataError(path, "expected a non-empty JSON list of records")
+    if layout is not None and layout not in LAYOUTS:
+        raise EditDataError(path, f"unknown layout '{layout}'; expected one of {sorted(LAYOUTS)}")
+    chosen = LAYOUTS[layout] if layout else detect_layout(path, records)
+    if limit is not None:
+        if limit > len(records):
+            raise EditDataError(path, f"asked for {limit} requests but the file holds {len(records)}")
+        records = records[:limit]
+    return [_to_request(path, i, record, chosen) for i, record in enumerate(records)]
+
+
+def read_irrelevant_prompts(source: str | Path = "zsre", count: int | None = None) -> list[str]:
+    """The irrelevant texts WISE pairs with edit i during editing.
+
+    `source` is a bundled data set name (its WISE list), or a JSON file holding a list of strings.
+    """
+    if str(source) in IRRELEVANT_KEYS:
+        path = bundled_path("irrelevant/wise_loc_prompts.json")
+        texts = _load_json(path)[IRRELEVANT_KEYS[str(source)]]
+    else:
+        path = Path(source)
+        texts = _load_json(path)
+    if not isinstance(texts, list) or not texts:
+        raise EditDataError(path, "expected a non-empty JSON list of strings")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise EditDataError(path, "expected non-empty text", i)
+    if count is not None and count > len(texts):
+        raise EditDataError(path, f"needs {count} irrelevant prompts but holds {len(texts)}")
+    return texts[:count] if count is not None else texts

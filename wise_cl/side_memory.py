@@ -1,0 +1,114 @@
+"""The WISE side memory: an adapter around one Linear layer with per-sequence activation routing.
+
+Each side memory is stored as a task vector tau = W' - W, so the side output is
+`W a + tau a` and the activation score of a sequence is the mean over its real tokens of
+`||tau a_t||_2` (the paper's Eq. 3, without an activation function around the outputs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wise_cl.models import find_module, replace_module
+
+MAIN = -1  # route index of the main memory
+
+
+def sequence_scores(delta: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Per sequence, the mean over real tokens of the L2 norm of `delta` ([batch, tokens, out])."""
+    norms = delta.norm(dim=-1)
+    if token_mask is None:
+        return norms.mean(-1)
+    mask = token_mask.to(norms.dtype)
+    return (norms * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+class SideMemoryLinear(nn.Module):
+    """A frozen Linear (the main memory) plus side memories that answer the sequences routed to them.
+
+    `taus` and `thresholds` hold the side memories that serve; a sequence goes to the memory with
+    the highest activation score when that score exceeds the memory's threshold, else to the main
+    memory. The route is decided once per sequence (per prompt during generation) and kept.
+    While `train_tau` is set, every row uses it instead (the editing forward).
+    """
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.taus: list[Tensor] = []
+        self.thresholds: list[float] = []
+        self.train_tau: Tensor | None = None
+        self.token_mask: Tensor | None = None
+        self.keep_route = False
+        self.route: Tensor | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    def scores(self, a: Tensor) -> Tensor:
+        """Activation score of every sequence on every serving memory: [memories, batch]."""
+        mask = self.token_mask if self.token_mask is not None and self.token_mask.shape == a.shape[:2] else None
+        return torch.stack([sequence_scores(F.linear(a, tau), mask) for tau in self.taus])
+
+    def decide_route(self, a: Tensor) -> Tensor:
+        """Per sequence, the index of the side memory that answers, or MAIN."""
+        if not self.taus:
+            return torch.full((a.shape[0],), MAIN, dtype=torch.long, device=a.device)
+        scores = self.scores(a)
+        best, index = scores.max(0)
+        thresholds = torch.tensor(self.thresholds, dtype=scores.dtype, device=a.device)
+        return torch.where(best > thresholds[index], index, torch.full_like(index, MAIN))
+
+    def forward(self, a: Tensor) -> Tensor:
+        out = self.base(a)
+        if self.train_tau is not None:
+            return out + F.linear(a, self.train_tau)
+        if not (self.keep_route and self.route is not None and self.route.shape[0] == a.shape[0]):
+            self.route = self.decide_route(a)
+        for m, tau in enumerate(self.taus):
+            rows = self.route == m
+            if rows.any():
+                out = out.index_add(0, rows.nonzero().squeeze(1), F.linear(a[rows], tau))
+        return out
+
+
+def _routing_context_hook(adapter: SideMemoryLinear):
+    """Forward pre-hook for the decoder: hands the attention mask to the adapter and tells it
+    whether this forward continues a cached sequence (generation), so the route is kept."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        adapter.keep_route = cache is not None and cache.get_seq_length() > 0
+        if not adapter.keep_route:
+            adapter.token_mask = kwargs.get("attention_mask")
+
+    return hook
+
+
+def attach_side_memory(model: nn.Module, path: str) -> SideMemoryLinear:
+    """Wrap the Linear at `path` in place with a side-memory adapter and return the adapter."""
+    base = find_module(model, path)
+    if isinstance(base, SideMemoryLinear):
+        return base
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"'{path}' is a {type(base).__name__}; the side memory wraps an nn.Linear")
+    adapter = SideMemoryLinear(base)
+    replace_module(model, path, adapter)
+    decoder = getattr(model, "base_model", model)
+    adapter._hook = decoder.register_forward_pre_hook(_routing_context_hook(adapter), with_kwargs=True)
+    return adapter
+
+
+def detach_side_memory(model: nn.Module, path: str) -> nn.Linear:
+    """Put the original Linear back at `path`; the model computes exactly as before attaching."""
+    adapter = find_module(model, path)
+    if not isinstance(adapter, SideMemoryLinear):
+        raise TypeError(f"'{path}' holds no side memory")
+    adapter._hook.remove()
+    replace_module(model, path, adapter.base)
+    return adapter.base
