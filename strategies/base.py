@@ -23,9 +23,6 @@ class EditStrategy(ABC):
     def edit(self, batch: EditBatch) -> dict[str, float]:
         """Apply the edits of one experience; return statistics to log (loss, steps, ...)."""
 
-    def end_of_stream(self) -> None:
-        """Called once after the last edit."""
-
     def callbacks(self) -> list[Any]:
         """Lightning callbacks that manage the method's state between experiences."""
         return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from wise_cl.evaluation import teacher_forced_batch
 from wise_cl.merging import MERGE_METHODS, merge_task_vectors
 from wise_cl.metrics import per_request_mean
 from wise_cl.records import read_irrelevant_prompts
-from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory
+from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory, save_side_memories
 from wise_cl.strategies.base import EditStrategy
 
 CONTEXT_SEEDS = ("I", "You", "Because", "Yes", "So", "The", "When", "It", "We", "In")
@@ -104,6 +105,10 @@ class WISE(EditStrategy):
         self.shard_index, self.edits_in_shard = 0, 0
         self.mask = self._shard_mask(0)
 
+    def save_side_memories(self, path: str | Path) -> None:
+        """Write the serving side memories alone (safetensors); see `load_side_memories`."""
+        save_side_memories(self.adapter, path, self.layer)
+
     def detach(self) -> None:
         """Remove the side memory; the model is the unedited one again."""
         detach_side_memory(self.model, self.layer)
@@ -117,7 +122,10 @@ class WISE(EditStrategy):
             for start in CONTEXT_SEEDS[: self.num_context]:
                 inputs = self.tokenizer(start, return_tensors="pt").to(self.model.device)
                 out = self.model.generate(
-                    **inputs, do_sample=True, max_new_tokens=self.context_length, pad_token_id=self.tokenizer.pad_token_id
+                    **inputs,
+                    do_sample=True,
+                    max_new_tokens=self.context_length,
+                    pad_token_id=self.tokenizer.pad_token_id,
                 )
                 texts.append(" ".join(self.tokenizer.decode(out[0], skip_special_tokens=True).split()))
         return texts
@@ -138,7 +146,9 @@ class WISE(EditStrategy):
                 prompts.append(f"{context} {request.prompt}" if context else request.prompt)
                 targets.append(request.target)
         irrelevant = [self.irrelevant[i % len(self.irrelevant)] for i in batch.indices]
-        rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(self.model.device)
+        rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
+            self.model.device
+        )
         forward = (
             CachedForward(self.model, self.adapter, rows, self.layer)
             if self.cached_forward
@@ -146,7 +156,9 @@ class WISE(EditStrategy):
         )
         optimizer = torch.optim.SGD([self.tau], lr=self.lr)
         n_edit = len(prompts)
-        for step in range(1, self.n_iter + 1):
+        steps = 0
+        while steps < self.n_iter:
+            steps += 1
             logits, scores = forward(self.tau)
             nll = F.cross_entropy(logits.float(), rows.labels, reduction="none")
             edit_loss = per_request_mean(nll, rows.rows, n_edit).mean()
@@ -164,7 +176,7 @@ class WISE(EditStrategy):
         self.min_score = min(self.min_score, plain_rows.min().item())
         self.edits_in_shard += len(batch)
         self._publish()
-        return {"loss": loss.item(), "edit_loss": edit_loss.item(), "act_loss": act_loss.item(), "steps": step}
+        return {"loss": loss.item(), "edit_loss": edit_loss.item(), "act_loss": act_loss.item(), "steps": steps}
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""
@@ -212,7 +224,9 @@ class WISE(EditStrategy):
             return parts[0].clone() if parts else None
         taus = ([self.merged] if self.merged is not None else []) + parts
         weights = ([self.prior_merge_weight] if self.merged is not None else []) + [1.0] * len(parts)
-        return merge_task_vectors(taus, self.merge_method, self.merge_density, weights, seed=self.seed + self.shard_index)
+        return merge_task_vectors(
+            taus, self.merge_method, self.merge_density, weights, seed=self.seed + self.shard_index
+        )
 
     def _publish(self) -> None:
         """Hand the serving side memories and their thresholds to the adapter."""

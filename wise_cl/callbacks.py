@@ -6,12 +6,13 @@ Lightning hook and the Avalanche plugin both call, so the schedule exists once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import Forgetting, per_request_mean
@@ -20,7 +21,9 @@ from wise_cl.metrics import Forgetting, per_request_mean
 class MemoryCallback(Callback):
     """Runs `after_edit` on the module's strategy after every training batch (experience)."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.after_edit(pl_module.strategy)
 
     def after_edit(self, strategy: Any) -> None:
@@ -51,7 +54,30 @@ class MemorySpawning(MemoryCallback):
             strategy.spawn()
 
 
-def request_scores(pl_module: L.LightningModule, requests: list, reference: list[torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+class EditCheckpoint(Checkpoint):
+    """Save `last.ckpt` every `every_n_edits` edits, so a killed stream resumes without losing edits.
+
+    Editing runs its own optimisation, so Lightning's global step (which `ModelCheckpoint` counts)
+    does not move; this callback counts edits instead. The file is replaced atomically.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_edits: int = 1) -> None:
+        self.dirpath, self.every_n_edits = dirpath, every_n_edits
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.edits_done % self.every_n_edits == 0 or pl_module.edits_done == len(pl_module.stream):
+            folder = Path(self.dirpath or Path(trainer.log_dir or ".") / "checkpoints")
+            folder.mkdir(parents=True, exist_ok=True)
+            partial = folder / "last.ckpt.partial"
+            trainer.save_checkpoint(partial)
+            os.replace(partial, folder / "last.ckpt")
+
+
+def request_scores(
+    pl_module: L.LightningModule, requests: list, reference: list[torch.Tensor], batch_size: int
+) -> dict[str, torch.Tensor]:
     """Per request: reliability, generalization (first rephrase, if any) and locality."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
     scores: dict[str, list[torch.Tensor]] = {"reliability": [], "generalization": [], "locality": []}
@@ -66,7 +92,9 @@ def request_scores(pl_module: L.LightningModule, requests: list, reference: list
         for name, (prompts, answers) in pairs.items():
             out = predict_answers(model, tokenizer, prompts, answers)
             target = torch.cat(reference[start : start + len(chunk)]) if name == "locality" else out.labels
-            scores[name].append(per_request_mean((out.preds == target.to(out.preds.device)).double(), out.rows, len(chunk)))
+            scores[name].append(
+                per_request_mean((out.preds == target.to(out.preds.device)).double(), out.rows, len(chunk))
+            )
     return {name: torch.cat(values) for name, values in scores.items() if values}
 
 
@@ -82,7 +110,9 @@ class ForgettingCurve(Callback):
         self.history: list[dict[str, float]] = []
         self.forgetting: Forgetting | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         done, total = pl_module.edits_done, len(pl_module.stream)
         if done % self.every_n_edits and done != total:
             return
@@ -121,11 +151,17 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("reliability", "generalization", "locality", "forgetting") if any(m in h[0] for h in histories.values())]
+    metrics = [
+        m
+        for m in ("reliability", "generalization", "locality", "forgetting")
+        if any(m in h[0] for h in histories.values())
+    ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for name, history in histories.items():
-            ax.plot([p["edits"] for p in history], [p.get(metric, float("nan")) for p in history], marker="o", label=name)
+            ax.plot(
+                [p["edits"] for p in history], [p.get(metric, float("nan")) for p in history], marker="o", label=name
+            )
         ax.set_title(metric)
         ax.set_xlabel("edits seen")
         ax.set_ylim(-0.02, 1.02)

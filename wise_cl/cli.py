@@ -54,7 +54,12 @@ def main(args: list[str] | None = None) -> None:
         args=args,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "enable_model_summary": False, "accelerator": "auto"},
+        trainer_defaults={
+            "max_epochs": 1,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            "accelerator": "auto",
+        },
     )
 
 

@@ -87,7 +87,11 @@ class EditStreamDataModule(L.LightningDataModule):
         layout: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_edits", num_edits), ("edits_per_experience", edits_per_experience), ("eval_batch_size", eval_batch_size)):
+        for name, value in (
+            ("num_edits", num_edits),
+            ("edits_per_experience", edits_per_experience),
+            ("eval_batch_size", eval_batch_size),
+        ):
             if value < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
         self.path = path

@@ -46,7 +46,9 @@ class FullForward:
         self.adapter.train_tau = tau
         try:
             b = self.batch
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+            logits = self.model(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids
+            ).logits
         finally:
             self.adapter.train_tau = None
             handle.remove()
@@ -57,7 +59,9 @@ class FullForward:
 class CachedForward(FullForward):
     """Lower layers once per edit; every step only `tau a` and the layers above, logits where scored."""
 
-    def __init__(self, model: PreTrainedModel, adapter: SideMemoryLinear, batch: TeacherForcedBatch, layer_path: str) -> None:
+    def __init__(
+        self, model: PreTrainedModel, adapter: SideMemoryLinear, batch: TeacherForcedBatch, layer_path: str
+    ) -> None:
         super().__init__(model, adapter, batch)
         self.decoder = model.base_model
         self.index = decoder_layer_index(layer_path)
@@ -65,12 +69,16 @@ class CachedForward(FullForward):
         layer = self.decoder.layers[self.index]
         hooks = [
             adapter.register_forward_pre_hook(lambda _, args: captured.__setitem__("a", args[0])),
-            layer.register_forward_hook(lambda _, args, out: captured.__setitem__("out", out[0] if isinstance(out, tuple) else out)),
+            layer.register_forward_hook(
+                lambda _, args, out: captured.__setitem__("out", out[0] if isinstance(out, tuple) else out)
+            ),
         ]
         adapter.train_tau = torch.zeros_like(adapter.weight)
         try:
             with torch.no_grad():
-                self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+                self.decoder(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+                )
         finally:
             adapter.train_tau = None
             for hook in hooks:
@@ -85,7 +93,9 @@ class CachedForward(FullForward):
         self.decoder.layers = nn.ModuleList([cached, *self.upper])
         try:
             b = self.batch
-            hidden = self.decoder(inputs_embeds=self.dummy_embeds, attention_mask=b.attention_mask, position_ids=b.position_ids).last_hidden_state
+            hidden = self.decoder(
+                inputs_embeds=self.dummy_embeds, attention_mask=b.attention_mask, position_ids=b.position_ids
+            ).last_hidden_state
         finally:
             self.decoder.layers = layers
         return self.model.get_output_embeddings()(hidden[b.scored]), cached.scores

@@ -112,7 +112,9 @@ def predict_answers(
         logits = scored_logits(model, batch).float()
         nll = F.cross_entropy(logits, batch.labels, reduction="none")
         counts = torch.bincount(batch.rows, minlength=len(chunk)).tolist()
-        for i, p, y, n in zip(chunk, logits.argmax(-1).split(counts), batch.labels.split(counts), nll.split(counts), strict=True):
+        for i, p, y, n in zip(
+            chunk, logits.argmax(-1).split(counts), batch.labels.split(counts), nll.split(counts), strict=True
+        ):
             per_row[i] = (p, y, n)
     preds, labels, nlls = (torch.cat([row[k] for row in per_row]) for k in range(3))
     rows = torch.cat([torch.full((len(row[0]),), i, dtype=torch.long) for i, row in enumerate(per_row)])
@@ -201,5 +203,7 @@ def locality_reference(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
 ) -> list[Tensor]:
     """The unedited model's argmax predictions on each request's locality answer (computed once per stream)."""
-    loc = predict_answers(model, tokenizer, [r.locality_prompt for r in requests], [r.locality_answer for r in requests])
+    loc = predict_answers(
+        model, tokenizer, [r.locality_prompt for r in requests], [r.locality_answer for r in requests]
+    )
     return [p.cpu() for p in loc.per_row()]

@@ -34,7 +34,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, default))
 
 
-def load_model(name: str = BUNDLED_MODEL, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    name: str = BUNDLED_MODEL, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` in eval mode for a Hugging Face name or path, `smollm2-135m` or `tiny`."""
     if name == TINY_MODEL:
         model, tokenizer = _tiny_llama(), byte_tokenizer()
@@ -122,6 +124,7 @@ def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=True,
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

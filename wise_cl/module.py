@@ -26,7 +26,9 @@ class EditingModule(L.LightningModule):
         exact_match: also score greedy free generation (slower).
     """
 
-    def __init__(self, model_name: str = "smollm2-135m", strategy: EditStrategy | None = None, exact_match: bool = True) -> None:
+    def __init__(
+        self, model_name: str = "smollm2-135m", strategy: EditStrategy | None = None, exact_match: bool = True
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False
@@ -71,9 +73,6 @@ class EditingModule(L.LightningModule):
         self.log("s_per_edit", seconds, prog_bar=True, batch_size=len(batch))
         self.log("edits", float(self.edits_done), prog_bar=True, batch_size=len(batch))
 
-    def on_train_end(self) -> None:
-        self.strategy.end_of_stream()
-
     def on_test_epoch_start(self) -> None:
         self.ensure_locality_reference()
         self.metrics.reset()
@@ -88,8 +87,14 @@ class EditingModule(L.LightningModule):
     def summary(self) -> dict[str, Any]:
         """Final scores plus how the run edited, for metrics.json."""
         edit_seconds = statistics.median(self.edit_seconds) if self.edit_seconds else None
-        return {**self.test_results, "num_edits": len(self.stream), "edits_done": self.edits_done,
-                "strategy": self.strategy.name, "edit_seconds_median": edit_seconds, **self.strategy.describe()}
+        return {
+            **self.test_results,
+            "num_edits": len(self.stream),
+            "edits_done": self.edits_done,
+            "strategy": self.strategy.name,
+            "edit_seconds_median": edit_seconds,
+            **self.strategy.describe(),
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {}  # the base model is frozen: keep only what editing changed

@@ -139,9 +139,7 @@ def detect_layout(path: Path, records: Sequence[Any]) -> Layout:
     for layout in LAYOUTS.values():
         if layout.matches(first):
             return layout
-    raise EditDataError(
-        path, f"unknown layout (fields {sorted(first)}); expected one of {sorted(LAYOUTS)}", 0
-    )
+    raise EditDataError(path, f"unknown layout (fields {sorted(first)}); expected one of {sorted(LAYOUTS)}", 0)
 
 
 def _to_request(path: Path, index: int, record: Any, layout: Layout) -> EditRequest:

@@ -7,10 +7,14 @@ Each side memory is stored as a task vector tau = W' - W, so the side output is
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from wise_cl.models import find_module, replace_module
@@ -112,3 +116,21 @@ def detach_side_memory(model: nn.Module, path: str) -> nn.Linear:
     adapter._hook.remove()
     replace_module(model, path, adapter.base)
     return adapter.base
+
+
+def save_side_memories(adapter: SideMemoryLinear, path: str | Path, layer: str) -> None:
+    """Write only the serving side memories (task vectors and thresholds) to a safetensors file."""
+    tensors = {f"tau.{i}": tau.detach().contiguous().cpu() for i, tau in enumerate(adapter.taus)}
+    metadata = {"layer": layer, "thresholds": json.dumps(adapter.thresholds)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
+    """Attach the side memories saved by `save_side_memories` to a freshly loaded base model."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        taus = [f.get_tensor(f"tau.{i}") for i in range(len(f.keys()))]
+    adapter = attach_side_memory(model, metadata["layer"])
+    adapter.taus = [tau.to(adapter.weight) for tau in taus]
+    adapter.thresholds = json.loads(metadata["thresholds"])
+    return adapter

@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wise_cl.cli import main
+from wise_cl.data import EditStreamDataModule
+from wise_cl.models import ModelLoadError, find_module, load_model
+
+TINY_WISE = [
+    "--model.model_name=tiny",
+    "--model.exact_match=false",
+    "--model.strategy.layer=model.layers.2.mlp.down_proj",
+    "--model.strategy.n_iter=3",
+    "--model.strategy.num_context=1",
+    "--model.strategy.context_length=3",
+]
+
+
+def run_cli(command, args, tmp_path, capsys):
+    config = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    main([command, *config, *TINY_WISE, *args])
+    out = capsys.readouterr().out.strip().splitlines()
+    path = Path(out[-1])
+    assert path.name == "metrics.json" and path.is_file()
+    return json.loads(path.read_text()), "\n".join(out)
+
+
+def test_cli_test_scores_the_unedited_model(tmp_path, capsys):
+    metrics, out = run_cli("test", ["--data.num_edits=4"], tmp_path, capsys)
+    assert metrics["num_edits"] == 4 and metrics["locality"] == 1.0
+    assert {"reliability", "generalization", "locality", "num_edits"} <= set(metrics)
+    assert "reliability" in out
+
+
+def test_cli_fit_edits_then_scores(tmp_path, capsys):
+    metrics, _ = run_cli("fit", ["--data.num_edits=3"], tmp_path, capsys)
+    assert metrics["edits_done"] == 3 and metrics["merge_method"] == "ties"
+    assert metrics["num_side_memories"] == 1 and metrics["edit_seconds_median"] > 0
+
+
+def test_config_typo_is_reported(capsys):
+    with pytest.raises(SystemExit):
+        main(["test", "--config", "configs/zsre_wise.yaml", "--model.strategy.alhpa=3"])
+    assert "alhpa" in capsys.readouterr().err
+
+
+def test_unknown_model_and_layer_give_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load model .*built-in names: smollm2-135m, tiny"):
+        load_model(str(tmp_path / "no-such-model"))
+    model, _ = load_model("tiny")
+    with pytest.raises(LookupError, match="no module 'model.layers.9.mlp.down_proj'.*model.layers.0.mlp.down_proj"):
+        find_module(model, "model.layers.9.mlp.down_proj")
+
+
+def test_bad_stream_settings_are_named():
+    with pytest.raises(ValueError, match="data.num_edits"):
+        EditStreamDataModule(num_edits=0)
+
+
+def test_stream_batches_follow_file_order():
+    data = EditStreamDataModule("zsre", num_edits=5, edits_per_experience=2)
+    data.setup()
+    batches = list(data.test_dataloader())
+    assert [b.indices for b in batches] == [[0, 1, 2, 3, 4]]
+    data.eval_batch_size = 2
+    assert [b.indices for b in data.test_dataloader()] == [[0, 1], [2, 3], [4]]
+
+
+def test_wheel_installs_namespaced_packages(tmp_path):
+    """The wheel ships wise_cl.strategies and wise_cl.benchmarks (with data), no top-level `strategies`."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        check=True,
+    )
+    import zipfile
+
+    (wheel,) = tmp_path.glob("wise_cl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "wise_cl/strategies/wise.py" in names and "wise_cl/benchmarks/data/zsre/zsre_mend_edit.json" in names
+    assert not any(n.startswith(("strategies/", "benchmarks/")) for n in names)
+    assert torch.__version__.startswith("2.14.1")

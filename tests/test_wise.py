@@ -1,0 +1,205 @@
+import lightning as L
+import pytest
+import torch
+from conftest import TINY_LAYER
+
+from wise_cl.callbacks import EditCheckpoint
+from wise_cl.data import EditBatch, EditStreamDataModule
+from wise_cl.editing_forward import CachedForward, FullForward
+from wise_cl.evaluation import predict_answers, teacher_forced_batch
+from wise_cl.merging import merge_task_vectors
+from wise_cl.module import EditingModule
+from wise_cl.side_memory import MAIN, attach_side_memory, detach_side_memory, load_side_memories
+from wise_cl.strategies.wise import WISE
+
+
+def small_wise(**overrides) -> WISE:
+    config = dict(
+        layer=TINY_LAYER,
+        n_iter=15,
+        num_context=2,
+        context_length=4,
+        edits_per_shard=2,
+        shards_per_merge=2,
+        alpha=0.5,
+        beta=3.0,
+        gamma=2.0,
+        lr=2.0,
+    )
+    return WISE(**(config | overrides))
+
+
+def edit_requests(strategy, requests, start=0):
+    for i, request in enumerate(requests, start):
+        strategy.edit(EditBatch([i], [request]))
+
+
+def test_masked_gradient_leaves_entries_outside_the_shard_untouched(tiny, zsre10):
+    strategy = small_wise()
+    strategy.prepare(*tiny)
+    edit_requests(strategy, zsre10[:1])
+    tau = strategy.tau.detach()
+    assert tau.abs().sum() > 0
+    assert torch.all(tau[strategy.mask == 0] == 0)
+    assert 0.15 < strategy.mask.mean().item() < 0.25
+
+
+def test_edit_raises_target_probability_and_records_threshold(tiny, zsre10):
+    model, tokenizer = tiny
+    request = zsre10[0]
+    before = predict_answers(model, tokenizer, [request.prompt], [request.target]).nll.mean()
+    strategy = small_wise()
+    strategy.prepare(model, tokenizer)
+    stats = strategy.edit(EditBatch([0], [request]))
+    after = predict_answers(model, tokenizer, [request.prompt], [request.target]).nll.mean()
+    assert after < before - 1.0
+    assert stats["steps"] >= 1
+    assert len(strategy.adapter.thresholds) == 1 and strategy.adapter.thresholds[0] > 0
+
+
+def test_ties_merge_matches_hand_computed_example():
+    t1 = torch.tensor([3.0, -1.0, 0.5, 2.0])
+    t2 = torch.tensor([-1.0, 4.0, -0.25, 2.0])
+    # trim to density 0.5: t1 -> [3, 0, 0, 2], t2 -> [0, 4, 0, 2]; signs: +, +, 0, +;
+    # disjoint mean over agreeing non-zero entries: [3, 4, 0, 2]
+    merged = merge_task_vectors([t1, t2], "ties", density=0.5)
+    assert merged.tolist() == [3.0, 4.0, 0.0, 2.0]
+    # sign election is weighted: a heavier t2 flips entry 0 to t2's sign
+    a, b = torch.tensor([1.0, 1.0]), torch.tensor([-1.0, 1.0])
+    assert merge_task_vectors([a, b], "ties", density=1.0, weights=[1.0, 3.0]).tolist() == [-1.0, 1.0]
+    assert merge_task_vectors([t1, t2], "linear").tolist() == [1.0, 1.5, 0.125, 2.0]
+
+
+def test_dare_rescales_kept_entries():
+    tau = torch.ones(10_000)
+    merged = merge_task_vectors([tau], "dare", density=0.5, seed=1)
+    assert set(merged.unique().tolist()) == {0.0, 2.0}
+    assert merged.mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_routing_is_decided_per_sequence(tiny):
+    model, tokenizer = tiny
+    adapter = attach_side_memory(model, TINY_LAYER)
+    tau = torch.zeros_like(adapter.weight)
+    tau[:, :8] = 5.0  # large only along a few input features
+    adapter.taus, adapter.thresholds = [tau], [1.0]
+    batch = teacher_forced_batch(tokenizer, ["aaaa", "zzzzzzzz"], ["b", "c"])
+    captured = []
+    handle = adapter.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    handle.remove()
+    scores = adapter.scores(captured[0])[0]
+    adapter.thresholds = [float(scores.mean())]  # between the two sequences' scores
+    assert scores[0] != scores[1]
+    model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    high = int(scores.argmax())
+    assert adapter.route.tolist() == [0 if i == high else MAIN for i in range(2)]
+    # each row's output equals its output when run alone
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for i in range(2):
+        length = int(batch.attention_mask[i].sum())
+        alone = model(input_ids=batch.input_ids[i : i + 1, :length]).logits
+        torch.testing.assert_close(full[i, :length], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_keeps_the_route_decided_on_the_prompt(tiny):
+    model, tokenizer = tiny
+    adapter = attach_side_memory(model, TINY_LAYER)
+    adapter.taus, adapter.thresholds = [torch.full_like(adapter.weight, 0.01)], [0.0]
+    routes = []
+    handle = adapter.register_forward_hook(lambda m, args, out: routes.append(m.route.tolist()))
+    inputs = tokenizer(["hello"], return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    handle.remove()
+    assert len(routes) == 3 and all(r == [0] for r in routes)
+    adapter.thresholds = [1e9]  # now the prompt is not routed, and neither are the new tokens
+    routes.clear()
+    handle = adapter.register_forward_hook(lambda m, args, out: routes.append(m.route.tolist()))
+    model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    handle.remove()
+    assert all(r == [MAIN] for r in routes)
+
+
+def test_detach_restores_outputs_bit_for_bit(tiny, zsre10):
+    model, tokenizer = tiny
+    inputs = tokenizer([zsre10[0].prompt], return_tensors="pt")
+    before = model(**inputs).logits.clone()
+    strategy = small_wise()
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, zsre10[:2])
+    strategy.detach()
+    assert torch.equal(model(**inputs).logits, before)
+
+
+def test_cached_forward_equals_full_forward(tiny, zsre10):
+    model, tokenizer = tiny
+    adapter = attach_side_memory(model, TINY_LAYER)
+    rows = teacher_forced_batch(
+        tokenizer, [zsre10[0].prompt, "I " + zsre10[0].prompt, "unrelated"], [zsre10[0].target] * 2 + [""]
+    )
+    tau = torch.randn_like(adapter.weight) * 0.05
+    full_logits, full_scores = FullForward(model, adapter, rows)(tau)
+    cached_logits, cached_scores = CachedForward(model, adapter, rows, TINY_LAYER)(tau)
+    torch.testing.assert_close(cached_logits, full_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached_scores, full_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
+    strategy = small_wise(retrieve=True)
+    strategy.prepare(*tiny)
+    callbacks = strategy.callbacks()
+    for i, request in enumerate(zsre10[:4]):
+        strategy.edit(EditBatch([i], [request]))
+        for callback in callbacks:
+            callback.after_edit(strategy)
+    # 4 edits, 2 per shard, 2 shards per merge -> one frozen memory, an empty active one
+    assert len(strategy.frozen) == 1 and strategy.merged is None
+    assert len(strategy.adapter.taus) == 1 and strategy.shard_index == 2
+
+
+def test_side_memories_save_and_load_round_trip(tiny, zsre10, tmp_path):
+    model, tokenizer = tiny
+    strategy = small_wise()
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, zsre10[:3])
+    inputs = tokenizer([r.prompt for r in zsre10[:3]], return_tensors="pt", padding=True)
+    edited = model(**inputs).logits
+    strategy.save_side_memories(tmp_path / "side.safetensors")
+    from wise_cl.models import load_model
+
+    fresh, _ = load_model("tiny")
+    adapter = load_side_memories(fresh, tmp_path / "side.safetensors")
+    assert adapter.thresholds == strategy.adapter.thresholds
+    torch.testing.assert_close(fresh(**inputs).logits, edited)
+    detach_side_memory(fresh, TINY_LAYER)
+
+
+class StopAfter(L.Callback):
+    def __init__(self, edits: int) -> None:
+        self.edits = edits
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.edits_done == self.edits:
+            raise KeyboardInterrupt  # a killed run
+
+
+def run_stream(tmp_path, callbacks, ckpt_path=None):
+    torch.manual_seed(0)
+    module = EditingModule("tiny", small_wise(n_iter=4), exact_match=False)
+    checkpoint = EditCheckpoint(dirpath=str(tmp_path))
+    trainer = L.Trainer(max_epochs=1, logger=False, callbacks=[checkpoint, *callbacks], enable_progress_bar=False)
+    trainer.fit(module, EditStreamDataModule("zsre", num_edits=5), ckpt_path=ckpt_path)
+    return module
+
+
+def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path):
+    whole = run_stream(tmp_path / "whole", [])
+    with pytest.raises(SystemExit):
+        run_stream(tmp_path / "killed", [StopAfter(3)])
+    resumed = run_stream(tmp_path / "killed", [], ckpt_path=tmp_path / "killed" / "last.ckpt")
+    assert resumed.edits_done == whole.edits_done == 5
+    assert len(resumed.edit_seconds) == 5
+    assert torch.equal(resumed.strategy.tau, whole.strategy.tau)
+    for a, b in zip(resumed.strategy.shards, whole.strategy.shards, strict=True):
+        assert torch.equal(a, b)
+    assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
