@@ -82,4 +82,21 @@ def test_wheel_installs_namespaced_packages(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "wise_cl/strategies/wise.py" in names and "wise_cl/benchmarks/data/zsre/zsre_mend_edit.json" in names
     assert not any(n.startswith(("strategies/", "benchmarks/")) for n in names)
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True
+    )
+    check = (
+        "import wise_cl.strategies.wise as w; from wise_cl.records import read_requests;"
+        "read_requests('zsre', limit=1); print(w.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip().startswith(str(target))
     assert torch.__version__.startswith("2.14.1")
