@@ -170,8 +170,7 @@ class WISE(EditStrategy):
             loss.backward()
             self.tau.grad.mul_(self.mask)
             optimizer.step()
-        with torch.no_grad():
-            _, scores = forward(self.tau)
+        scores = forward.scores(self.tau)
         plain_rows = scores[: n_edit : 1 + len(self.contexts)]
         self.min_score = min(self.min_score, plain_rows.min().item())
         self.edits_in_shard += len(batch)

@@ -55,6 +55,11 @@ class FullForward:
         scores = sequence_scores(F.linear(captured[0], tau), self.batch.attention_mask)
         return logits[self.batch.scored], scores
 
+    @torch.no_grad()
+    def scores(self, tau: Tensor) -> Tensor:
+        """The activation score of every row under `tau`."""
+        return self(tau)[1]
+
 
 class CachedForward(FullForward):
     """Lower layers once per edit; every step only `tau a` and the layers above, logits where scored."""
@@ -99,6 +104,11 @@ class CachedForward(FullForward):
         finally:
             self.decoder.layers = layers
         return self.model.get_output_embeddings()(hidden[b.scored]), cached.scores
+
+    @torch.no_grad()
+    def scores(self, tau: Tensor) -> Tensor:
+        """The activation score of every row under `tau`, from the cached activations alone."""
+        return sequence_scores(F.linear(self.activation, tau), self.batch.attention_mask)
 
 
 def decoder_layer_index(layer_path: str) -> int:
