@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, FullForward
+from wise_cl.editing_forward import CachedForward, FullForward, optimise_delta
 from wise_cl.evaluation import teacher_forced_batch
 from wise_cl.merging import MERGE_METHODS, merge_task_vectors
 from wise_cl.metrics import per_request_mean
@@ -154,28 +154,21 @@ class WISE(EditStrategy):
             if self.cached_forward
             else FullForward(self.model, self.adapter, rows)
         )
-        optimizer = torch.optim.SGD([self.tau], lr=self.lr)
         n_edit = len(prompts)
-        steps = 0
-        while steps < self.n_iter:
-            steps += 1
-            logits, scores = forward(self.tau)
+
+        def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
             nll = F.cross_entropy(logits.float(), rows.labels, reduction="none")
             edit_loss = per_request_mean(nll, rows.rows, n_edit).mean()
             act_loss = self.activation_loss(scores[:n_edit], scores[n_edit:])
-            loss = edit_loss + act_loss
-            if loss.item() < self.early_stop_loss:
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            self.tau.grad.mul_(self.mask)
-            optimizer.step()
+            return {"loss": edit_loss + act_loss, "edit_loss": edit_loss, "act_loss": act_loss}
+
+        stats = optimise_delta(forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss, self.mask)
         scores = forward.scores(self.tau)
         plain_rows = scores[: n_edit : 1 + len(self.contexts)]
         self.min_score = min(self.min_score, plain_rows.min().item())
         self.edits_in_shard += len(batch)
         self._publish()
-        return {"loss": loss.item(), "edit_loss": edit_loss.item(), "act_loss": act_loss.item(), "steps": steps}
+        return stats
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""

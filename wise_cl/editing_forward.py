@@ -1,14 +1,17 @@
-"""Forward passes for the editing loop, with only a task vector tau trainable at one Linear layer.
+"""The editing loop of strategies that train a task vector tau at one Linear layer, and its forwards.
 
 `CachedForward` runs the model once per edit up to the edited layer and caches what does not
 change while tau is trained: the layer's input activation and its main-memory output. Each
 optimisation step then computes `cached output + tau a` and runs only the layers above.
-`FullForward` is the plain loop (full model and full logits every step), kept for comparison.
+Rows without scored positions (WISE's irrelevant rows) need only their activation score and
+skip the upper layers. `FullForward` is the plain loop (full model and full logits every step),
+kept for comparison.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +23,14 @@ from wise_cl.side_memory import SideMemoryLinear, sequence_scores
 
 
 class _CachedLayer(nn.Module):
-    """Stands in for the edited decoder layer: its cached main-memory output plus the side delta."""
+    """Stands in for the edited decoder layer: returns its output computed outside the decoder."""
 
-    def __init__(self, output: Tensor, activation: Tensor, tau: Tensor, token_mask: Tensor) -> None:
+    def __init__(self, output: Tensor) -> None:
         super().__init__()
-        self.output, self.activation, self.tau, self.token_mask = output, activation, tau, token_mask
-        self.scores: Tensor | None = None
+        self.output = output
 
     def forward(self, hidden_states: Tensor, **kwargs) -> Tensor:
-        delta = F.linear(self.activation, self.tau)
-        self.scores = sequence_scores(delta, self.token_mask)
-        return self.output + delta
+        return self.output
 
 
 class FullForward:
@@ -89,21 +89,31 @@ class CachedForward(FullForward):
             for hook in hooks:
                 hook.remove()
         self.activation, self.layer_output = captured["a"], captured["out"]
-        self.upper = list(self.decoder.layers[self.index + 1 :])
-        self.dummy_embeds = torch.zeros_like(self.layer_output)
+        self.upper_layers = list(self.decoder.layers[self.index + 1 :])
+        # rows after the last one with a scored position (irrelevant rows) need only their score,
+        # and columns after the last scored position are not needed above the edited layer
+        rows, columns = batch.scored.nonzero(as_tuple=True)
+        self.upper = (int(rows.max()) + 1, int(columns.max()) + 1) if len(rows) else (0, 0)
+        self.dummy_embeds = torch.zeros_like(self.layer_output[: self.upper[0], : self.upper[1]])
 
     def __call__(self, tau: Tensor) -> tuple[Tensor, Tensor]:
-        cached = _CachedLayer(self.layer_output, self.activation, tau, self.batch.attention_mask)
+        b, (n, t) = self.batch, self.upper
+        delta = F.linear(self.activation, tau)
+        scores = sequence_scores(delta, b.attention_mask)
+        if n == 0:
+            return delta.new_zeros((0, self.model.config.vocab_size)), scores
+        cached = _CachedLayer(self.layer_output[:n, :t] + delta[:n, :t])
         layers = self.decoder.layers
-        self.decoder.layers = nn.ModuleList([cached, *self.upper])
+        self.decoder.layers = nn.ModuleList([cached, *self.upper_layers])
         try:
-            b = self.batch
             hidden = self.decoder(
-                inputs_embeds=self.dummy_embeds, attention_mask=b.attention_mask, position_ids=b.position_ids
+                inputs_embeds=self.dummy_embeds,
+                attention_mask=b.attention_mask[:n, :t],
+                position_ids=b.position_ids[:n, :t],
             ).last_hidden_state
         finally:
             self.decoder.layers = layers
-        return self.model.get_output_embeddings()(hidden[b.scored]), cached.scores
+        return self.model.get_output_embeddings()(hidden[b.scored[:n, :t]]), scores
 
     @torch.no_grad()
     def scores(self, tau: Tensor) -> Tensor:
@@ -117,3 +127,29 @@ def decoder_layer_index(layer_path: str) -> int:
     if match is None:
         raise ValueError(f"'{layer_path}' is not inside a decoder layer ('...layers.<i>....'); use the full forward")
     return int(match.group(1))
+
+
+def optimise_delta(
+    forward: FullForward,
+    delta: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], dict[str, Tensor]],
+    lr: float,
+    n_iter: int,
+    early_stop_loss: float = 0.0,
+    grad_mask: Tensor | None = None,
+) -> dict[str, float]:
+    """Plain SGD on `delta` for at most `n_iter` steps, stopping once `loss_fn(...)["loss"]` is below
+    `early_stop_loss`; the gradient is multiplied by `grad_mask` so nothing outside it moves."""
+    optimizer = torch.optim.SGD([delta], lr=lr)
+    steps = 0
+    while steps < n_iter:
+        steps += 1
+        losses = loss_fn(*forward(delta))
+        if losses["loss"].item() < early_stop_loss:
+            break
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        if grad_mask is not None:
+            delta.grad.mul_(grad_mask)
+        optimizer.step()
+    return {**{name: value.item() for name, value in losses.items()}, "steps": steps}
