@@ -1,15 +1,25 @@
-"""Seconds per WISE edit: cached forward (this implementation) against the plain loop, same edits and steps.
+"""Seconds per WISE edit: this implementation (cached forward) against the plain loop, in one run.
 
-python -m wise_cl.benchmarks.edit_speed --num-edits 3 --n-iter 20 --out benchmarks/results/edit_speed.json
+python -m wise_cl.benchmarks.edit_speed --config configs/zsre_wise.yaml --num-edits 100 --plain-edits 5
+
+The cached run edits the first `--num-edits` ZsRE requests as one stream with the config's WISE
+settings (early stopping and the memory callbacks included) and reports the median seconds per
+edit. The plain loop (full model and full logits every step) then edits the first `--plain-edits`
+of the same requests with at most the number of steps each took in the cached run, so both loops
+do the same work; the speedup is the median of the per-edit time ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from wise_cl.data import EditBatch
 from wise_cl.models import load_model
@@ -17,43 +27,55 @@ from wise_cl.records import read_requests
 from wise_cl.strategies.wise import WISE
 
 
-def seconds_per_edit(model_name: str, requests: list, cached: bool, n_iter: int, layer: str) -> list[float]:
-    """Edit the requests one by one with a fixed number of steps (no early stop); seconds per edit."""
+def timed_stream(model_name: str, settings: dict, requests: list, steps: list[int] | None = None) -> list[dict]:
+    """Edit the requests one by one; seconds and steps per edit. With `steps`, the plain loop edits
+    instead, edit i running at most `steps[i]` steps (the same early stop ends it where it ended before)."""
     model, tokenizer = load_model(model_name)
-    strategy = WISE(layer=layer, n_iter=n_iter, early_stop_loss=0.0, cached_forward=cached)
+    strategy = WISE(**settings) if steps is None else WISE(**settings | {"cached_forward": False})
     strategy.prepare(model, tokenizer)
     strategy.contexts = strategy._generate_contexts()  # generated once, outside the timed edits
-    times = []
+    callbacks = strategy.callbacks()
+    edits = []
     for i, request in enumerate(requests):
+        if steps is not None:
+            strategy.n_iter = steps[i]
         start = time.perf_counter()
-        strategy.edit(EditBatch([i], [request]))
-        times.append(time.perf_counter() - start)
-    return times
+        stats = strategy.edit(EditBatch([i], [request]))
+        edits.append({"seconds": time.perf_counter() - start, "steps": stats["steps"]})
+        for callback in callbacks:
+            callback.after_edit(strategy)
+    return edits
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layer", default="model.layers.25.mlp.down_proj")
-    parser.add_argument("--num-edits", type=int, default=3)
-    parser.add_argument("--n-iter", type=int, default=70)
+    parser.add_argument("--config", type=Path, default=Path("configs/zsre_wise.yaml"))
+    parser.add_argument("--num-edits", type=int, default=100)
+    parser.add_argument("--plain-edits", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/edit_speed.json"))
     args = parser.parse_args()
+    config = yaml.safe_load(args.config.read_text())["model"]
+    settings = config["strategy"].get("init_args", {})
     requests = read_requests("zsre", limit=args.num_edits)
-    cached = seconds_per_edit(args.model, requests, True, args.n_iter, args.layer)
-    plain = seconds_per_edit(args.model, requests, False, args.n_iter, args.layer)
+    cached = timed_stream(config["model_name"], settings, requests)
+    head = cached[: args.plain_edits]
+    plain = timed_stream(config["model_name"], settings, requests[: args.plain_edits], [e["steps"] for e in head])
     result = {
-        "model": args.model,
-        "layer": args.layer,
+        "command": "python -m wise_cl.benchmarks.edit_speed " + shlex.join(sys.argv[1:]),
+        "config": str(args.config),
+        "layer": settings.get("layer"),
         "num_edits": args.num_edits,
-        "n_iter": args.n_iter,
-        "cached_seconds_per_edit": statistics.median(cached),
-        "plain_seconds_per_edit": statistics.median(plain),
-        "speedup": statistics.median(plain) / statistics.median(cached),
+        "cached_seconds_per_edit_median": statistics.median(e["seconds"] for e in cached),
+        "cached_steps_median": statistics.median(e["steps"] for e in cached),
+        "plain_edits": args.plain_edits,
+        "plain_seconds_per_edit_median": statistics.median(e["seconds"] for e in plain),
+        "speedup_median": statistics.median(p["seconds"] / c["seconds"] for p, c in zip(plain, head, strict=True)),
+        "cached": cached,
+        "plain": plain,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cached", "plain")}, indent=2))
 
 
 if __name__ == "__main__":

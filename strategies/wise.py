@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,21 @@ class WISE(EditStrategy):
         alpha: margin the irrelevant sample's activation score is pushed below.
         beta: margin the edit rows' activation scores are pushed above.
         gamma: margin between edit and irrelevant activation scores.
+        act_loss_weight: weight of the activation loss against the editing loss (1 in the paper; its
+            gradient grows with the squared activation norm, so models with large activations need less).
         act_ratio: routing threshold as a share of the smallest edit score a memory holds.
         lr: SGD learning rate on the side memory.
         n_iter: optimisation steps per experience at most.
         early_stop_loss: stop an experience's loop once the loss is below this.
         num_context: generated context prefixes per edit row (rows per edit = 1 + num_context).
         context_length: tokens per generated prefix.
+        score_context: count the context prefix tokens in an edit row's activation score (False: only
+            the prompt and target tokens, which are what a routed sequence holds at inference).
         irrelevant_source: bundled data set name or JSON list of the irrelevant texts (edit i uses text i).
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
+        replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
+            each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
+        batch_edit: edit an experience's requests together in one loop (False: one by one).
         cached_forward: run layers below the edited one once per experience (False: full model each step).
         seed: seed for masks and context prefixes.
     """
@@ -64,14 +72,18 @@ class WISE(EditStrategy):
         alpha: float = 5.0,
         beta: float = 20.0,
         gamma: float = 10.0,
+        act_loss_weight: float = 1.0,
         act_ratio: float = 0.88,
         lr: float = 1.0,
         n_iter: int = 70,
         early_stop_loss: float = 0.01,
         num_context: int = 10,
         context_length: int = 10,
+        score_context: bool = False,
         irrelevant_source: str = "zsre",
         retrieve: bool = False,
+        replay: int = 0,
+        batch_edit: bool = True,
         cached_forward: bool = True,
         seed: int = 0,
     ) -> None:
@@ -79,15 +91,19 @@ class WISE(EditStrategy):
             raise ValueError(f"strategy.merge_method: unknown '{merge_method}'; expected one of {MERGE_METHODS}")
         if not 0 < mask_ratio <= 1 or not 0 < merge_density <= 1:
             raise ValueError("strategy.mask_ratio and strategy.merge_density must lie in (0, 1]")
+        if replay < 0:
+            raise ValueError(f"strategy.replay must be at least 0, got {replay}")
         if num_context > len(CONTEXT_SEEDS):
             raise ValueError(f"strategy.num_context is at most {len(CONTEXT_SEEDS)}")
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
         self.merge_method, self.merge_density, self.prior_merge_weight = merge_method, merge_density, prior_merge_weight
         self.alpha, self.beta, self.gamma, self.act_ratio = alpha, beta, gamma, act_ratio
+        self.act_loss_weight = act_loss_weight
         self.lr, self.n_iter, self.early_stop_loss = lr, n_iter, early_stop_loss
-        self.num_context, self.context_length = num_context, context_length
+        self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
         self.irrelevant_source, self.cached_forward = irrelevant_source, cached_forward
+        self.replay, self.batch_edit = replay, batch_edit
         self.contexts: list[str] = []
 
     # set-up -------------------------------------------------------------------------------------
@@ -102,6 +118,8 @@ class WISE(EditStrategy):
         self.merged: Tensor | None = None  # merge of the current memory's earlier groups
         self.frozen: list[tuple[Tensor, float]] = []  # WISE-Retrieve: finished memories, with min score
         self.min_score = math.inf
+        self.memory_prompts: list[str] = []  # prompts of the edits the current memory holds
+        self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
         self.shard_index, self.edits_in_shard = 0, 0
         self.mask = self._shard_mask(0)
 
@@ -138,21 +156,30 @@ class WISE(EditStrategy):
     # editing ------------------------------------------------------------------------------------
 
     def edit(self, batch: EditBatch) -> dict[str, float]:
+        if not self.batch_edit and len(batch) > 1:
+            stats = [self.edit(EditBatch([i], [r])) for i, r in zip(batch.indices, batch.requests, strict=True)]
+            return {name: statistics.fmean(s[name] for s in stats) for name in stats[0]}
         if len(self.contexts) < self.num_context:
             self.contexts = self._generate_contexts()
-        prompts, targets = [], []
+        prompts, targets, context_lengths = [], [], []
         for request in batch.requests:
             for context in ("", *self.contexts):
                 prompts.append(f"{context} {request.prompt}" if context else request.prompt)
                 targets.append(request.target)
+                context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
         irrelevant = [self.irrelevant[i % len(self.irrelevant)] for i in batch.indices]
+        irrelevant += self.replay_prompts[-self.replay :] if self.replay else []
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
         )
+        score_mask = rows.attention_mask.clone()
+        if not self.score_context:
+            for row, length in enumerate(context_lengths):
+                score_mask[row, :length] = 0
         forward = (
-            CachedForward(self.model, self.adapter, rows, self.layer)
+            CachedForward(self.model, self.adapter, rows, self.layer, score_mask)
             if self.cached_forward
-            else FullForward(self.model, self.adapter, rows)
+            else FullForward(self.model, self.adapter, rows, score_mask)
         )
         n_edit = len(prompts)
 
@@ -160,13 +187,15 @@ class WISE(EditStrategy):
             nll = F.cross_entropy(logits.float(), rows.labels, reduction="none")
             edit_loss = per_request_mean(nll, rows.rows, n_edit).mean()
             act_loss = self.activation_loss(scores[:n_edit], scores[n_edit:])
-            return {"loss": edit_loss + act_loss, "edit_loss": edit_loss, "act_loss": act_loss}
+            loss = edit_loss + self.act_loss_weight * act_loss
+            return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 
         stats = optimise_delta(forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss, self.mask)
         scores = forward.scores(self.tau)
         plain_rows = scores[: n_edit : 1 + len(self.contexts)]
         self.min_score = min(self.min_score, plain_rows.min().item())
         self.edits_in_shard += len(batch)
+        self.memory_prompts += [r.prompt for r in batch.requests]
         self._publish()
         return stats
 
@@ -208,6 +237,8 @@ class WISE(EditStrategy):
             return
         self.frozen.append((self.merged, self.min_score))
         self.merged, self.min_score = None, math.inf
+        self.replay_prompts += self.memory_prompts
+        self.memory_prompts = []
         self._publish()
 
     def _consolidated(self, include_current: bool = True) -> Tensor | None:
@@ -249,6 +280,8 @@ class WISE(EditStrategy):
             "shard_index": self.shard_index,
             "edits_in_shard": self.edits_in_shard,
             "contexts": list(self.contexts),
+            "memory_prompts": list(self.memory_prompts),
+            "replay_prompts": list(self.replay_prompts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -257,6 +290,7 @@ class WISE(EditStrategy):
         self.shards, self.merged = list(state["shards"]), state["merged"]
         self.frozen = list(zip(state["frozen"], state["frozen_min_scores"], strict=True))
         self.min_score, self.contexts = state["min_score"], list(state["contexts"])
+        self.memory_prompts, self.replay_prompts = list(state["memory_prompts"]), list(state["replay_prompts"])
         self.shard_index, self.edits_in_shard = state["shard_index"], state["edits_in_shard"]
         self.mask = self._shard_mask(self.shard_index)
         self._publish()

@@ -7,6 +7,15 @@ from wise_cl.models import load_model
 from wise_cl.records import read_requests
 
 TINY_LAYER = "model.layers.2.mlp.down_proj"
+# wise-cl arguments that run WISE on the tiny model in a few seconds
+TINY_WISE = [
+    "--model.model_name=tiny",
+    "--model.exact_match=false",
+    "--model.strategy.layer=model.layers.2.mlp.down_proj",
+    "--model.strategy.n_iter=3",
+    "--model.strategy.num_context=1",
+    "--model.strategy.context_length=3",
+]
 
 
 @pytest.fixture

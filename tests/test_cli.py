@@ -5,19 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_WISE
 
 from wise_cl.cli import main
 from wise_cl.data import EditStreamDataModule
 from wise_cl.models import ModelLoadError, find_module, load_model
-
-TINY_WISE = [
-    "--model.model_name=tiny",
-    "--model.exact_match=false",
-    "--model.strategy.layer=model.layers.2.mlp.down_proj",
-    "--model.strategy.n_iter=3",
-    "--model.strategy.num_context=1",
-    "--model.strategy.context_length=3",
-]
 
 
 def run_cli(command, args, tmp_path, capsys):

@@ -203,3 +203,41 @@ def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path):
     for a, b in zip(resumed.strategy.shards, whole.strategy.shards, strict=True):
         assert torch.equal(a, b)
     assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
+
+
+@pytest.fixture
+def edit_prompts(monkeypatch):
+    """The prompts of every editing batch WISE builds, in order."""
+    import wise_cl.strategies.wise as wise_module
+
+    seen = []
+    original = wise_module.teacher_forced_batch
+    monkeypatch.setattr(
+        wise_module, "teacher_forced_batch", lambda tok, p, a: seen.append(list(p)) or original(tok, p, a)
+    )
+    return seen
+
+
+def test_one_by_one_editing_runs_one_loop_per_request(tiny, zsre10, edit_prompts):
+    model, tokenizer = tiny
+    requests = zsre10[:2]
+    before = predict_answers(model, tokenizer, [requests[1].prompt], [requests[1].target]).nll.mean()
+    strategy = small_wise(batch_edit=False, edits_per_shard=10)
+    strategy.prepare(model, tokenizer)
+    strategy.edit(EditBatch([0, 1], requests))
+    after = predict_answers(model, tokenizer, [requests[1].prompt], [requests[1].target]).nll.mean()
+    assert [rows[0] for rows in edit_prompts] == [r.prompt for r in requests]
+    assert all(len(rows) == 1 + strategy.num_context + 1 for rows in edit_prompts)
+    assert strategy.memory_prompts == [r.prompt for r in requests] and after < before - 0.5
+
+
+def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit_prompts):
+    strategy = small_wise(retrieve=True, replay=1, edits_per_shard=1, shards_per_merge=1, n_iter=2)
+    strategy.prepare(*tiny)
+    for i, request in enumerate(zsre10[:2]):
+        strategy.edit(EditBatch([i], [request]))
+        for callback in strategy.callbacks():
+            callback.after_edit(strategy)
+    assert strategy.replay_prompts == [zsre10[0].prompt, zsre10[1].prompt]
+    assert edit_prompts[1][-1] == zsre10[0].prompt and zsre10[0].prompt not in edit_prompts[0][1:]
+    assert len(strategy.adapter.taus) == 2

@@ -6,6 +6,7 @@ Lightning hook and the Avalanche plugin both call, so the schedule exists once.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ class EditCheckpoint(Checkpoint):
             folder = Path(self.dirpath or Path(trainer.log_dir or ".") / "checkpoints")
             folder.mkdir(parents=True, exist_ok=True)
             partial = folder / "last.ckpt.partial"
-            trainer.save_checkpoint(partial)
+            trainer.save_checkpoint(partial, weights_only=False)
             os.replace(partial, folder / "last.ckpt")
 
 
@@ -102,7 +103,8 @@ class ForgettingCurve(Callback):
     """Every `every_n_edits` edits, re-score all edits seen so far and log the forgetting curves.
 
     Logs mean reliability, generalization, locality and forgetting (best reliability seen minus
-    current, per request) against the number of edits, and draws `forgetting_curve.png` at the end.
+    current, per request) against the number of edits; at the end writes the points to
+    `forgetting_curve.json` and draws them in `forgetting_curve.png`, both in the run folder.
     """
 
     def __init__(self, every_n_edits: int = 10) -> None:
@@ -129,7 +131,9 @@ class ForgettingCurve(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.history and trainer.log_dir:
-            plot_curves({pl_module.strategy.name: self.history}, Path(trainer.log_dir) / "forgetting_curve.png")
+            folder = Path(trainer.log_dir)
+            (folder / "forgetting_curve.json").write_text(json.dumps(self.history, indent=1) + "\n")
+            plot_curves({pl_module.strategy.name: self.history}, folder / "forgetting_curve.png")
 
     def state_dict(self) -> dict[str, Any]:
         states = {k: getattr(self.forgetting, k) for k in ("best", "current", "seen")} if self.forgetting else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,13 @@ from lightning.pytorch.cli import LightningCLI
 from wise_cl.data import EditStreamDataModule
 from wise_cl.module import EditingModule
 
+# Lightning warnings that do not apply to editing runs (frozen eval-mode model, text batches, no optimizer)
+HARMLESS_WARNINGS = (
+    r".*module\(s\) in eval mode.*",
+    r".*overridden `transfer_batch_to_device`.*",
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*does not have many workers.*",
+)
 TABLE_KEYS = ("reliability", "generalization", "ood_generalization", "locality", "exact_match", "perplexity")
 
 
@@ -47,8 +55,12 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(args: list[str] | None = None) -> None:
-    WiseCLI(
+def run(args: list[str] | None = None) -> WiseCLI:
+    """Run `wise-cl` with `args` (default: the command line); the returned CLI's `model.summary()`
+    holds the run's scores and `trainer.log_dir` its folder."""
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    return WiseCLI(
         EditingModule,
         EditStreamDataModule,
         args=args,
@@ -61,6 +73,10 @@ def main(args: list[str] | None = None) -> None:
             "accelerator": "auto",
         },
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    run(args)
 
 
 if __name__ == "__main__":

@@ -68,11 +68,12 @@ class EditStreamLoader(DataLoader):
 
 
 class EditStreamDataModule(L.LightningDataModule):
-    """The first `num_edits` requests of a data file, in file order.
+    """`num_edits` consecutive requests of a data file from `start` on, in file order.
 
     Args:
         path: a bundled data set (`zsre`, `hallucination`, `temporal`, `counterfact`) or a JSON file.
         num_edits: how many requests the stream holds (T).
+        start: index of the stream's first request in the file (for consecutive chunks).
         edits_per_experience: requests per training batch; each batch is one experience.
         eval_batch_size: requests per batch when scoring.
         layout: force a layout instead of detecting it from the first record.
@@ -85,6 +86,7 @@ class EditStreamDataModule(L.LightningDataModule):
         edits_per_experience: int = 1,
         eval_batch_size: int = 16,
         layout: str | None = None,
+        start: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -94,6 +96,9 @@ class EditStreamDataModule(L.LightningDataModule):
         ):
             if value < 1:
                 raise ValueError(f"data.{name} must be at least 1, got {value}")
+        if start < 0:
+            raise ValueError(f"data.start must be at least 0, got {start}")
+        self.start = start
         self.path = path
         self.num_edits = num_edits
         self.edits_per_experience = edits_per_experience
@@ -106,7 +111,7 @@ class EditStreamDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.requests:
-            self.requests = read_requests(self.path, self.layout, self.num_edits)
+            self.requests = read_requests(self.path, self.layout, self.num_edits, self.start)
 
     def train_dataloader(self) -> DataLoader:
         """The edits not yet applied: a resumed run starts after the edits its module already holds."""

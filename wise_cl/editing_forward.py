@@ -11,7 +11,8 @@ kept for comparison.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,32 @@ class _CachedLayer(nn.Module):
         return self.output
 
 
-class FullForward:
-    """Every step: the whole model, logits at every position (the plain editing loop)."""
+@contextmanager
+def _layers_swapped(decoder: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """Run the decoder with another list of layers for the duration of the block."""
+    original = decoder.layers
+    decoder.layers = nn.ModuleList(layers)
+    try:
+        yield
+    finally:
+        decoder.layers = original
 
-    def __init__(self, model: PreTrainedModel, adapter: SideMemoryLinear, batch: TeacherForcedBatch) -> None:
+
+class FullForward:
+    """Every step: the whole model, logits at every position (the plain editing loop).
+
+    Activation scores average over the tokens of `score_mask` (default: every real token).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        adapter: SideMemoryLinear,
+        batch: TeacherForcedBatch,
+        score_mask: Tensor | None = None,
+    ) -> None:
         self.model, self.adapter, self.batch = model, adapter, batch
+        self.score_mask = batch.attention_mask if score_mask is None else score_mask
 
     def __call__(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         """Logits at the scored positions and the activation score of every row."""
@@ -52,7 +74,7 @@ class FullForward:
         finally:
             self.adapter.train_tau = None
             handle.remove()
-        scores = sequence_scores(F.linear(captured[0], tau), self.batch.attention_mask)
+        scores = sequence_scores(F.linear(captured[0], tau), self.score_mask)
         return logits[self.batch.scored], scores
 
     @torch.no_grad()
@@ -65,9 +87,14 @@ class CachedForward(FullForward):
     """Lower layers once per edit; every step only `tau a` and the layers above, logits where scored."""
 
     def __init__(
-        self, model: PreTrainedModel, adapter: SideMemoryLinear, batch: TeacherForcedBatch, layer_path: str
+        self,
+        model: PreTrainedModel,
+        adapter: SideMemoryLinear,
+        batch: TeacherForcedBatch,
+        layer_path: str,
+        score_mask: Tensor | None = None,
     ) -> None:
-        super().__init__(model, adapter, batch)
+        super().__init__(model, adapter, batch, score_mask)
         self.decoder = model.base_model
         self.index = decoder_layer_index(layer_path)
         captured: dict[str, Tensor] = {}
@@ -80,7 +107,7 @@ class CachedForward(FullForward):
         ]
         adapter.train_tau = torch.zeros_like(adapter.weight)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _layers_swapped(self.decoder, self.decoder.layers[: self.index + 1]):
                 self.decoder(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
                 )
@@ -99,26 +126,22 @@ class CachedForward(FullForward):
     def __call__(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         b, (n, t) = self.batch, self.upper
         delta = F.linear(self.activation, tau)
-        scores = sequence_scores(delta, b.attention_mask)
+        scores = sequence_scores(delta, self.score_mask)
         if n == 0:
             return delta.new_zeros((0, self.model.config.vocab_size)), scores
         cached = _CachedLayer(self.layer_output[:n, :t] + delta[:n, :t])
-        layers = self.decoder.layers
-        self.decoder.layers = nn.ModuleList([cached, *self.upper_layers])
-        try:
+        with _layers_swapped(self.decoder, [cached, *self.upper_layers]):
             hidden = self.decoder(
                 inputs_embeds=self.dummy_embeds,
                 attention_mask=b.attention_mask[:n, :t],
                 position_ids=b.position_ids[:n, :t],
             ).last_hidden_state
-        finally:
-            self.decoder.layers = layers
         return self.model.get_output_embeddings()(hidden[b.scored[:n, :t]]), scores
 
     @torch.no_grad()
     def scores(self, tau: Tensor) -> Tensor:
         """The activation score of every row under `tau`, from the cached activations alone."""
-        return sequence_scores(F.linear(self.activation, tau), self.batch.attention_mask)
+        return sequence_scores(F.linear(self.activation, tau), self.score_mask)
 
 
 def decoder_layer_index(layer_path: str) -> int:
@@ -130,7 +153,7 @@ def decoder_layer_index(layer_path: str) -> int:
 
 
 def optimise_delta(
-    forward: FullForward,
+    forward: Callable[[Tensor], tuple[Tensor, Tensor]],
     delta: Tensor,
     loss_fn: Callable[[Tensor, Tensor], dict[str, Tensor]],
     lr: float,
@@ -138,8 +161,8 @@ def optimise_delta(
     early_stop_loss: float = 0.0,
     grad_mask: Tensor | None = None,
 ) -> dict[str, float]:
-    """Plain SGD on `delta` for at most `n_iter` steps, stopping once `loss_fn(...)["loss"]` is below
-    `early_stop_loss`; the gradient is multiplied by `grad_mask` so nothing outside it moves."""
+    """Plain SGD on `delta` for at most `n_iter` steps, stopping once `loss_fn(*forward(delta))["loss"]`
+    is below `early_stop_loss`; the gradient is multiplied by `grad_mask` so nothing outside it moves."""
     optimizer = torch.optim.SGD([delta], lr=lr)
     steps = 0
     while steps < n_iter:

@@ -158,11 +158,13 @@ def _to_request(path: Path, index: int, record: Any, layout: Layout) -> EditRequ
     )
 
 
-def read_requests(path_or_name: str | Path, layout: str | None = None, limit: int | None = None) -> list[EditRequest]:
+def read_requests(
+    path_or_name: str | Path, layout: str | None = None, limit: int | None = None, start: int = 0
+) -> list[EditRequest]:
     """Read edit requests from a bundled data set name or a JSON file in a known layout.
 
-    The layout is detected from the first record unless `layout` names one. `limit` keeps the
-    first records in file order; every kept record is validated.
+    The layout is detected from the first record unless `layout` names one. `start` and `limit`
+    keep records `start .. start + limit - 1` in file order; every kept record is validated.
     """
     path = resolve_data_path(path_or_name)
     records = _load_json(path)
@@ -171,11 +173,10 @@ def read_requests(path_or_name: str | Path, layout: str | None = None, limit: in
     if layout is not None and layout not in LAYOUTS:
         raise EditDataError(path, f"unknown layout '{layout}'; expected one of {sorted(LAYOUTS)}")
     chosen = LAYOUTS[layout] if layout else detect_layout(path, records)
-    if limit is not None:
-        if limit > len(records):
-            raise EditDataError(path, f"asked for {limit} requests but the file holds {len(records)}")
-        records = records[:limit]
-    return [_to_request(path, i, record, chosen) for i, record in enumerate(records)]
+    stop = len(records) if limit is None else start + limit
+    if not 0 <= start < stop <= len(records):
+        raise EditDataError(path, f"asked for requests {start}..{stop - 1} but the file holds {len(records)}")
+    return [_to_request(path, i, records[i], chosen) for i in range(start, stop)]
 
 
 def read_irrelevant_prompts(source: str | Path = "zsre", count: int | None = None) -> list[str]:

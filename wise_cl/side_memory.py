@@ -94,14 +94,19 @@ def _routing_context_hook(adapter: SideMemoryLinear):
     return hook
 
 
-def attach_side_memory(model: nn.Module, path: str) -> SideMemoryLinear:
-    """Wrap the Linear at `path` in place with a side-memory adapter and return the adapter."""
+def attach_side_memory(
+    model: nn.Module, path: str, adapter_cls: type[SideMemoryLinear] = SideMemoryLinear
+) -> SideMemoryLinear:
+    """Wrap the Linear at `path` in place with a side-memory adapter and return the adapter.
+
+    `adapter_cls` picks a subclass with another route decision or output (other editing methods).
+    """
     base = find_module(model, path)
-    if isinstance(base, SideMemoryLinear):
+    if isinstance(base, adapter_cls):
         return base
     if not isinstance(base, nn.Linear):
         raise TypeError(f"'{path}' is a {type(base).__name__}; the side memory wraps an nn.Linear")
-    adapter = SideMemoryLinear(base)
+    adapter = adapter_cls(base)
     replace_module(model, path, adapter)
     decoder = getattr(model, "base_model", model)
     adapter._hook = decoder.register_forward_pre_hook(_routing_context_hook(adapter), with_kwargs=True)

@@ -1,0 +1,113 @@
+"""Run editing strategies on the same stream at several T and tabulate reliability, generalization,
+locality, exact match and seconds per edit (markdown + JSON), with one plot of the forgetting curves.
+
+python -m wise_cl.benchmarks.compare --configs configs/zsre_wise.yaml configs/zsre_wise_retrieve.yaml \
+    --num-edits 1 10 100 --chunks 10 3 1 --out benchmarks/results/zsre_wise
+
+T = 1 and 10 average `chunks` consecutive chunks of T requests, each edited from the unedited model
+(reset between chunks, as in the paper); a single chunk is one stream of T edits. Every chunk is a
+`wise-cl fit` run logged to TensorBoard under `<out>/tensorboard/<strategy>/T<T>-chunk<k>`. Arguments
+after `--` go to every run (`-- --model.strategy.init_args.alpha=2`). A rerun skips finished chunks
+and resumes an interrupted one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from wise_cl.callbacks import plot_curves
+from wise_cl.cli import run
+
+SCORES = ("reliability", "generalization", "locality", "exact_match", "edit_seconds_median")
+
+
+def strategy_name(config: Path) -> str:
+    """`configs/zsre_wise_retrieve.yaml` -> `wise_retrieve`."""
+    return config.stem.split("_", 1)[-1]
+
+
+def run_chunk(config: Path, name: str, num_edits: int, chunk: int, out: Path, extra: list[str]) -> dict[str, Any]:
+    """One `wise-cl fit` run over requests `chunk * T .. chunk * T + T - 1`; its metrics.json as a dict."""
+    folder = out / "tensorboard" / name / f"T{num_edits}-chunk{chunk}"
+    metrics = folder / "metrics.json"
+    if metrics.exists():
+        return json.loads(metrics.read_text())
+    args = [
+        "fit",
+        f"--config={config}",
+        f"--data.num_edits={num_edits}",
+        f"--data.start={chunk * num_edits}",
+        f"--trainer.logger.init_args.save_dir={out / 'tensorboard'}",
+        f"--trainer.logger.init_args.name={name}",
+        f"--trainer.logger.init_args.version=T{num_edits}-chunk{chunk}",
+        *extra,
+    ]
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+    if checkpoint.exists():
+        args.append(f"--ckpt_path={checkpoint}")
+    run(args)
+    return json.loads(metrics.read_text())
+
+
+def summarise(name: str, num_edits: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of each score over the chunks of one (strategy, T)."""
+    row: dict[str, Any] = {"strategy": name, "T": num_edits, "chunks": len(runs)}
+    for key in SCORES:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = statistics.fmean(values) if values else None
+    return row
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = "| strategy | T | chunks | Rel. | Gen. | Loc. | EM | s/edit |\n|---|---|---|---|---|---|---|---|\n"
+    cells = [
+        [r["strategy"], r["T"], r["chunks"], *("-" if r[k] is None else f"{r[k]:.3f}" for k in SCORES)] for r in rows
+    ]
+    return header + "".join("| " + " | ".join(map(str, c)) + " |\n" for c in cells)
+
+
+def compare(
+    configs: list[Path], num_edits: list[int], chunks: list[int], out: Path, extra: list[str]
+) -> list[dict[str, Any]]:
+    """Run every config at every T; write results.json, results.md and forgetting_curves.png to `out`."""
+    rows, runs, curves = [], [], {}
+    for config in configs:
+        name = strategy_name(config)
+        for t, count in zip(num_edits, chunks, strict=True):
+            results = [run_chunk(config, name, t, k, out, extra) for k in range(count)]
+            runs += [{"strategy": name, "T": t, "chunk": k, **r} for k, r in enumerate(results)]
+            rows.append(summarise(name, t, results))
+            print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+        curve = out / "tensorboard" / name / f"T{max(num_edits)}-chunk0" / "forgetting_curve.json"
+        if curve.exists():
+            curves[name] = json.loads(curve.read_text())
+    command = "python -m wise_cl.benchmarks.compare " + shlex.join(sys.argv[1:])
+    (out / "results.json").write_text(json.dumps({"command": command, "rows": rows, "runs": runs}, indent=1) + "\n")
+    (out / "results.md").write_text(f"`{command}`\n\n" + markdown_table(rows))
+    if curves:
+        plot_curves(curves, out / "forgetting_curves.png")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=Path, nargs="+", required=True, help="one wise-cl YAML per strategy")
+    parser.add_argument("--num-edits", type=int, nargs="+", default=[1, 10, 100], help="the T values")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[10, 3, 1], help="chunks averaged per T")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
+    args, extra = parser.parse_known_args()
+    if len(args.chunks) != len(args.num_edits):
+        parser.error("--chunks needs one count per --num-edits value")
+    extra = [a for a in extra if a != "--"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(markdown_table(compare(args.configs, args.num_edits, args.chunks, args.out, extra)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Sweep strategy hyper-parameters on one stream of T edits; one row of scores per setting.
+
+python -m wise_cl.benchmarks.sweep --config configs/zsre_wise.yaml --num-edits 30 \
+    --variant "layer=model.layers.25.mlp.down_proj" --variant "alpha=2 beta=10 gamma=5" \
+    --out benchmarks/results/sweep_wise
+
+Each variant sets `model.strategy.init_args.<key>=<value>` on top of the config and is one
+`wise-cl fit` run (see `compare.py`: finished runs are skipped, interrupted ones resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from wise_cl.benchmarks.compare import SCORES, run_chunk
+
+
+def variant_args(variant: str) -> list[str]:
+    """`"alpha=2 beta=10"` -> the CLI overrides of the strategy's init_args."""
+    pairs = [item.split("=", 1) for item in variant.split()]
+    if not pairs or any(len(p) != 2 or not p[0] for p in pairs):
+        raise SystemExit(f"--variant '{variant}': expected space-separated key=value pairs")
+    return [f"--model.strategy.init_args.{key}={value}" for key, value in pairs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--num-edits", type=int, default=30)
+    parser.add_argument("--variant", action="append", required=True, help='e.g. "layer=... alpha=2"')
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant in args.variant:
+        label = variant.replace("model.layers.", "L").replace(".mlp.down_proj", "").replace(" ", "_")
+        result = run_chunk(args.config, label, args.num_edits, 0, args.out, variant_args(variant))
+        rows.append({"variant": variant, **{k: result.get(k) for k in SCORES}})
+        print(json.dumps(rows[-1]), flush=True)
+    command = "python -m wise_cl.benchmarks.sweep " + shlex.join(sys.argv[1:])
+    (args.out / "sweep.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    lines = ["| variant | Rel. | Gen. | Loc. | EM | s/edit |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k in SCORES]
+        lines.append(f"| `{row['variant']}` | " + " | ".join(cells) + " |")
+    (args.out / "sweep.md").write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

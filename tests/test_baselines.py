@@ -1,0 +1,203 @@
+"""The baseline strategies (FT-L, FT-EWC, GRACE, DEFER) on the tiny model: edits, checkpoints, routing, front ends."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_LAYER
+
+from wise_cl.avalanche import AvalancheEditor, edit_benchmark, edit_evaluator
+from wise_cl.cli import main
+from wise_cl.data import EditBatch
+from wise_cl.evaluation import predict_answers
+from wise_cl.models import load_model
+from wise_cl.side_memory import MAIN
+from wise_cl.strategies.defer import DEFER
+from wise_cl.strategies.finetune import EWC, EWCPenalty, FineTune
+from wise_cl.strategies.grace import GRACE
+
+STRATEGIES = {
+    "ft": (FineTune, dict(n_iter=20)),
+    "ewc": (EWC, dict(n_iter=20, kl_weight=0.0, ewc_lambda=100.0)),
+    "grace": (GRACE, dict(n_iter=30, lr=20.0)),
+    "defer": (DEFER, dict(n_iter=20, kl_weight=0.0)),
+}
+UNRELATED = "zzzz qqqq"
+
+
+def tiny_strategy(name: str, **overrides):
+    cls, config = STRATEGIES[name]
+    return cls(layer=TINY_LAYER, **(config | overrides))
+
+
+def edit_requests(strategy, requests):
+    return [strategy.edit(EditBatch([i], [request])) for i, request in enumerate(requests)]
+
+
+def logits(model, tokenizer, prompts):
+    return model(**tokenizer(prompts, return_tensors="pt", padding=True)).logits
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_edit_raises_target_probability(name, tiny, zsre10):
+    model, tokenizer = tiny
+    request = zsre10[0]
+    before = predict_answers(model, tokenizer, [request.prompt], [request.target]).nll.mean()
+    strategy = tiny_strategy(name)
+    strategy.prepare(model, tokenizer)
+    (stats,) = edit_requests(strategy, [request])
+    after = predict_answers(model, tokenizer, [request.prompt], [request.target]).nll.mean()
+    assert after < before - 1.0
+    assert stats["steps"] >= 1 and strategy.describe()["layer"] == TINY_LAYER
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_state_survives_a_checkpoint_and_detach_restores_the_model(name, tiny, zsre10):
+    model, tokenizer = tiny
+    prompts = [zsre10[0].prompt, zsre10[1].prompt, UNRELATED]
+    unedited = logits(model, tokenizer, prompts)
+    strategy = tiny_strategy(name)
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, zsre10[:2])
+    edited = logits(model, tokenizer, prompts)
+    assert not torch.equal(edited, unedited)
+
+    buffer = io.BytesIO()
+    torch.save(strategy.state_dict(), buffer)  # what a Lightning checkpoint holds
+    buffer.seek(0)
+    fresh, _ = load_model("tiny")
+    restored = tiny_strategy(name)
+    restored.prepare(fresh, tokenizer)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(logits(fresh, tokenizer, prompts), edited)
+    assert restored.describe() == strategy.describe()
+
+    strategy.detach()
+    assert torch.equal(logits(model, tokenizer, prompts), unedited)
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance():
+    theta, fisher = torch.randn(4, 3), torch.rand(4, 3)
+    penalty = EWCPenalty(ewc_lambda=2.0, decay=0.5)
+    assert penalty(theta).item() == 0.0  # nothing consolidated yet
+    penalty.consolidate(theta, fisher)
+    step = torch.randn(4, 3)
+    values = [penalty(theta + scale * step).item() for scale in (0.0, 0.5, 1.0, 2.0)]
+    assert values[0] == 0.0 and values[1] < values[2] < values[3]
+    assert values[2] == pytest.approx((fisher * step.pow(2)).sum().item())  # lambda / 2 = 1
+    penalty.consolidate(theta + step, fisher)
+    torch.testing.assert_close(penalty.fisher, 1.5 * fisher)  # decayed sum
+    assert penalty(theta + step).item() == 0.0
+    capped = EWCPenalty(ewc_lambda=1e6, max_curvature=0.5)  # lambda * F capped per entry
+    capped.consolidate(torch.zeros(3), torch.tensor([1.0, 1e-9, 0.0]))
+    assert capped(torch.ones(3)).item() == pytest.approx((0.5 + 1e-3) / 2)
+
+
+def test_ewc_anchors_after_each_experience(tiny, zsre10):
+    strategy = tiny_strategy("ewc")
+    strategy.prepare(*tiny)
+    first, second = edit_requests(strategy, zsre10[:2])
+    assert first["ewc"] == 0.0 and second["ewc"] > 0.0  # the second edit pulls away from the first's anchor
+    assert torch.equal(strategy.ewc.anchor, strategy.delta.detach())
+    assert strategy.ewc(strategy.delta).item() == 0.0 and strategy.ewc.fisher.sum() > 0
+
+
+def test_grace_changes_the_edited_prompt_and_leaves_far_inputs_bit_identical(tiny, zsre10):
+    model, tokenizer = tiny
+    request = zsre10[0]
+    unrelated = logits(model, tokenizer, [UNRELATED])
+    unedited = logits(model, tokenizer, [request.prompt])
+    strategy = tiny_strategy("grace")
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, [request])
+    assert torch.equal(logits(model, tokenizer, [UNRELATED]), unrelated)
+    assert not torch.equal(logits(model, tokenizer, [request.prompt]), unedited)
+    logits(model, tokenizer, [request.prompt, UNRELATED])
+    assert strategy.adapter.route.tolist() == [0, MAIN]
+    # generation: the edited prompt keeps its value for every new token
+    routes = []
+    handle = strategy.adapter.register_forward_hook(lambda m, args, out: routes.append(m.route.tolist()))
+    model.generate(**tokenizer([request.prompt], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    handle.remove()
+    assert routes == [[0]] * 3
+
+
+def test_grace_codebook_adds_expands_and_splits(tiny):
+    strategy = tiny_strategy("grace", epsilon=1.0)
+    strategy.prepare(*tiny)
+    origin = torch.zeros(strategy.adapter.weight.shape[1])
+    unit = torch.zeros_like(origin)
+    unit[0] = 1.0
+    value = torch.zeros(strategy.adapter.weight.shape[0])
+    assert strategy.place_key(origin, value, "a") == 0
+    assert strategy.place_key(1.5 * unit, value, "a") == 0  # same target: the radius grows to cover it
+    assert strategy.radii.tolist() == [1.5]
+    assert strategy.place_key(-1.2 * unit, value, "b") == 1  # different target, overlapping: split
+    assert strategy.radii.tolist() == pytest.approx([0.6, 0.6], abs=1e-4)
+    assert strategy.place_key(10 * unit, value, "c") == 2  # far away: a new key with radius epsilon
+    assert strategy.radii[2].item() == 1.0 and strategy.targets == ["a", "b", "c"]
+
+
+def test_defer_routes_edits_to_the_side_copy_and_other_text_to_the_original(tiny, zsre10):
+    model, tokenizer = tiny
+    prompts = [zsre10[0].prompt, zsre10[0].locality_prompt]
+    unedited = logits(model, tokenizer, prompts)
+    strategy = tiny_strategy("defer")
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, zsre10[:2])
+    edited = logits(model, tokenizer, prompts)
+    assert strategy.adapter.route.tolist() == [0, MAIN]
+    assert torch.equal(edited[1], unedited[1]) and not torch.equal(edited[0], unedited[0])
+
+
+def test_bad_settings_name_the_field():
+    for make, field in (
+        (lambda: FineTune(lr=0.0), "strategy.lr"),
+        (lambda: EWC(decay=1.5), "strategy.decay"),
+        (lambda: GRACE(epsilon=-1.0), "strategy.epsilon"),
+        (lambda: DEFER(classifier_steps=0), "strategy.classifier_steps"),
+    ):
+        with pytest.raises(ValueError, match=field):
+            make()
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_cli_fit_runs_each_baseline_config(name, tmp_path, capsys):
+    main(
+        [
+            "fit",
+            "--config",
+            f"configs/zsre_{name}.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.model_name=tiny",
+            "--model.exact_match=false",
+            f"--model.strategy.layer={TINY_LAYER}",
+            "--model.strategy.n_iter=3",
+            "--data.num_edits=2",
+        ]
+    )
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads(path.read_text())
+    assert metrics["strategy"] == name and metrics["edits_done"] == 2
+    assert 0.0 <= metrics["reliability"] <= 1.0 and metrics["layer"] == TINY_LAYER
+
+
+@pytest.mark.parametrize("name", ["ewc", "grace"])
+def test_avalanche_front_end_runs_a_baseline(name, zsre10):
+    model, tokenizer = load_model("tiny")
+    requests = zsre10[:3]
+    strategy = tiny_strategy(name, n_iter=5)
+    editor = AvalancheEditor(
+        model=model,
+        tokenizer=tokenizer,
+        strategy=strategy,
+        requests=requests,
+        evaluator=edit_evaluator([]),
+        exact_match=False,
+    )
+    editor.train(edit_benchmark(requests).train_stream)
+    assert editor.edits_done == 3 and strategy.describe()["layer"] == TINY_LAYER
+    results = editor.eval(edit_benchmark(requests).test_stream)
+    assert 0.0 <= results["reliability/eval_phase/test_stream"] <= 1.0
