@@ -16,9 +16,8 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, optimise_delta
+from wise_cl.editing_forward import CachedForward, edit_nll, optimise_delta
 from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
-from wise_cl.metrics import per_request_mean
 from wise_cl.records import read_irrelevant_prompts
 from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory
 from wise_cl.strategies.base import EditStrategy
@@ -28,13 +27,6 @@ def require(condition: bool, field: str, expected: str, value: Any) -> None:
     """Raise a `ValueError` naming the config field `strategy.<field>` unless `condition` holds."""
     if not condition:
         raise ValueError(f"strategy.{field} must be {expected}, got {value!r}")
-
-
-def edit_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
-    """Per edit row (the first `n_edit` rows), the mean NLL of its target tokens; logits at `rows.scored`."""
-    edit = rows.rows < n_edit
-    nll = F.cross_entropy(logits[edit].float(), rows.labels[edit], reduction="none")
-    return per_request_mean(nll, rows.rows[edit], n_edit)
 
 
 def split_in_halves(text: str) -> tuple[str, str]:

@@ -16,11 +16,11 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, optimise_delta
+from wise_cl.editing_forward import CachedForward, edit_nll, optimise_delta
 from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import MAIN, SideMemoryLinear, attach_side_memory, detach_side_memory
 from wise_cl.strategies.base import EditStrategy
-from wise_cl.strategies.finetune import edit_nll, require
+from wise_cl.strategies.finetune import require
 
 
 class GraceLinear(SideMemoryLinear):

@@ -14,10 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, FullForward, optimise_delta
+from wise_cl.editing_forward import CachedForward, FullForward, edit_nll, optimise_delta
 from wise_cl.evaluation import teacher_forced_batch
 from wise_cl.merging import MERGE_METHODS, merge_task_vectors
-from wise_cl.metrics import per_request_mean
 from wise_cl.records import read_irrelevant_prompts
 from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory, save_side_memories
 from wise_cl.strategies.base import EditStrategy
@@ -184,8 +183,7 @@ class WISE(EditStrategy):
         n_edit = len(prompts)
 
         def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
-            nll = F.cross_entropy(logits.float(), rows.labels, reduction="none")
-            edit_loss = per_request_mean(nll, rows.rows, n_edit).mean()
+            edit_loss = edit_nll(logits, rows, n_edit).mean()
             act_loss = self.activation_loss(scores[:n_edit], scores[n_edit:])
             loss = edit_loss + self.act_loss_weight * act_loss
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}

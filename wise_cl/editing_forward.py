@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from wise_cl.evaluation import TeacherForcedBatch
+from wise_cl.metrics import per_request_mean
 from wise_cl.side_memory import SideMemoryLinear, sequence_scores
 
 
@@ -176,3 +177,10 @@ def optimise_delta(
             delta.grad.mul_(grad_mask)
         optimizer.step()
     return {**{name: value.item() for name, value in losses.items()}, "steps": steps}
+
+
+def edit_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
+    """Per edit row (the first `n_edit` rows), the mean NLL of its target tokens; logits at `rows.scored`."""
+    edit = rows.rows < n_edit
+    nll = F.cross_entropy(logits[edit].float(), rows.labels[edit], reduction="none")
+    return per_request_mean(nll, rows.rows[edit], n_edit)
