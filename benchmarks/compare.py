@@ -64,11 +64,14 @@ def summarise(name: str, num_edits: int, runs: list[dict[str, Any]]) -> dict[str
     return row
 
 
+def score_cells(row: dict[str, Any]) -> list[str]:
+    """The row's SCORES as table cells (`-` where missing)."""
+    return ["-" if row.get(k) is None else f"{row[k]:.3f}" for k in SCORES]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = "| strategy | T | chunks | Rel. | Gen. | Loc. | EM | s/edit |\n|---|---|---|---|---|---|---|---|\n"
-    cells = [
-        [r["strategy"], r["T"], r["chunks"], *("-" if r[k] is None else f"{r[k]:.3f}" for k in SCORES)] for r in rows
-    ]
+    cells = [[r["strategy"], r["T"], r["chunks"], *score_cells(r)] for r in rows]
     return header + "".join("| " + " | ".join(map(str, c)) + " |\n" for c in cells)
 
 

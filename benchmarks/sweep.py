@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from wise_cl.benchmarks.compare import SCORES, run_chunk
+from wise_cl.benchmarks.compare import SCORES, run_chunk, score_cells
 
 
 def variant_args(variant: str) -> list[str]:
@@ -44,9 +44,7 @@ def main() -> None:
     command = "python -m wise_cl.benchmarks.sweep " + shlex.join(sys.argv[1:])
     (args.out / "sweep.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     lines = ["| variant | Rel. | Gen. | Loc. | EM | s/edit |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k in SCORES]
-        lines.append(f"| `{row['variant']}` | " + " | ".join(cells) + " |")
+    lines += [f"| `{row['variant']}` | " + " | ".join(score_cells(row)) + " |" for row in rows]
     (args.out / "sweep.md").write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
