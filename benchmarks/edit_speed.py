@@ -1,12 +1,14 @@
 """Seconds per WISE edit: this implementation (cached forward) against the plain loop, in one run.
 
-python -m wise_cl.benchmarks.edit_speed --config configs/zsre_wise.yaml --num-edits 100 --plain-edits 5
+python -m wise_cl.benchmarks.edit_speed --config configs/zsre_wise.yaml --num-edits 100 --plain-edits 5 \
+    --set layer=model.layers.25.mlp.down_proj
 
 The cached run edits the first `--num-edits` ZsRE requests as one stream with the config's WISE
 settings (early stopping and the memory callbacks included) and reports the median seconds per
 edit. The plain loop (full model and full logits every step) then edits the first `--plain-edits`
 of the same requests with at most the number of steps each took in the cached run, so both loops
-do the same work; the speedup is the median of the per-edit time ratios.
+do the same work; the speedup is the median of the per-edit time ratios. `--set key=value` overrides
+the config's WISE settings (values read as YAML).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from wise_cl.benchmarks.sweep import key_values
 from wise_cl.data import EditBatch
 from wise_cl.models import load_model
 from wise_cl.records import read_requests
@@ -52,10 +55,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/zsre_wise.yaml"))
     parser.add_argument("--num-edits", type=int, default=100)
     parser.add_argument("--plain-edits", type=int, default=5)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override WISE settings")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/edit_speed.json"))
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())["model"]
-    settings = config["strategy"].get("init_args", {})
+    overrides = {key: yaml.safe_load(value) for key, value in key_values(args.set, "--set")} if args.set else {}
+    settings = config["strategy"].get("init_args", {}) | overrides
     requests = read_requests("zsre", limit=args.num_edits)
     cached = timed_stream(config["model_name"], settings, requests)
     head = cached[: args.plain_edits]

@@ -19,12 +19,17 @@ from pathlib import Path
 from wise_cl.benchmarks.compare import SCORES, run_chunk, score_cells
 
 
+def key_values(items: list[str], option: str) -> list[tuple[str, str]]:
+    """`["alpha=2", "beta=10"]` -> `[("alpha", "2"), ("beta", "10")]`, or an error naming `option`."""
+    pairs = [tuple(item.split("=", 1)) for item in items]
+    if not pairs or any(len(p) != 2 or not p[0] for p in pairs):
+        raise SystemExit(f"{option} '{' '.join(items)}': expected space-separated key=value pairs")
+    return pairs
+
+
 def variant_args(variant: str) -> list[str]:
     """`"alpha=2 beta=10"` -> the CLI overrides of the strategy's init_args."""
-    pairs = [item.split("=", 1) for item in variant.split()]
-    if not pairs or any(len(p) != 2 or not p[0] for p in pairs):
-        raise SystemExit(f"--variant '{variant}': expected space-separated key=value pairs")
-    return [f"--model.strategy.init_args.{key}={value}" for key, value in pairs]
+    return [f"--model.strategy.init_args.{key}={value}" for key, value in key_values(variant.split(), "--variant")]
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ class DEFER(FineTune):
     def after_training(self, forward: CachedForward, rows: TeacherForcedBatch, n_edit: int) -> None:
         """Train the classifier: edit rows positive, irrelevant rows negative."""
         labels = (torch.arange(len(rows.input_ids), device=rows.input_ids.device) < n_edit).float()
-        activation, mask = forward.activation.detach(), rows.attention_mask
+        activation, mask = forward.full_activation().detach(), rows.attention_mask
         classifier = self.classifier.clone().requires_grad_(True)
 
         def loss_fn(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:

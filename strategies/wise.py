@@ -121,6 +121,7 @@ class WISE(EditStrategy):
         self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
         self.shard_index, self.edits_in_shard = 0, 0
         self.mask = self._shard_mask(0)
+        self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
 
     def save_side_memories(self, path: str | Path) -> None:
         """Write the serving side memories alone (safetensors); see `load_side_memories`."""
@@ -176,7 +177,7 @@ class WISE(EditStrategy):
             for row, length in enumerate(context_lengths):
                 score_mask[row, :length] = 0
         forward = (
-            CachedForward(self.model, self.adapter, rows, self.layer, score_mask)
+            CachedForward(self.model, self.adapter, rows, self.layer, score_mask, self.activation_memo)
             if self.cached_forward
             else FullForward(self.model, self.adapter, rows, score_mask)
         )

@@ -1,11 +1,13 @@
 import json
 from pathlib import Path
 
+import pytest
 from conftest import TINY_LAYER, TINY_WISE
 
-from wise_cl.benchmarks.compare import compare
+from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
-from wise_cl.benchmarks.sweep import variant_args
+from wise_cl.benchmarks.routing import routing_report
+from wise_cl.benchmarks.sweep import key_values, variant_args
 
 
 def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(tmp_path):
@@ -30,6 +32,8 @@ def test_sweep_variant_becomes_strategy_overrides():
         "--model.strategy.init_args.alpha=2",
         "--model.strategy.init_args.layer=model.layers.1.mlp.down_proj",
     ]
+    with pytest.raises(SystemExit, match="--set 'lr': expected"):
+        key_values(["lr"], "--set")
 
 
 def test_edit_speed_runs_the_plain_loop_with_the_cached_runs_steps(zsre10):
@@ -38,3 +42,16 @@ def test_edit_speed_runs_the_plain_loop_with_the_cached_runs_steps(zsre10):
     plain = timed_stream("tiny", settings, zsre10[:2], [e["steps"] for e in cached])
     assert [e["steps"] for e in cached] == [4, 4] == [e["steps"] for e in plain]
     assert all(e["seconds"] > 0 for e in cached + plain)
+
+
+def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path):
+    one_edit_memories = ["--model.strategy.edits_per_shard=1", "--model.strategy.shards_per_merge=1"]
+    run_chunk(Path("configs/zsre_wise_retrieve.yaml"), "wise_retrieve", 3, 0, tmp_path, TINY_WISE + one_edit_memories)
+    report = routing_report(tmp_path / "tensorboard" / "wise_retrieve" / "T3-chunk0", [0.0, 1e9])
+    assert report["memories"] == 3
+    assert set(report["holding_memory_accuracy"]) == {"reliability", "generalization"}
+    open_gate, closed = report["act_ratio"]
+    # threshold 0: every sequence goes to its best memory; a huge threshold: none leaves the main memory
+    assert open_gate["reliability_routed"] == open_gate["locality_routed"] == 1.0
+    assert closed["reliability_routed"] == closed["locality_routed"] == closed["reliability_routed_to_holder"] == 0.0
+    assert closed["locality"] == 1.0 and len(closed["thresholds"]) == 3

@@ -137,11 +137,32 @@ def test_cached_forward_equals_full_forward(tiny, zsre10):
     rows = teacher_forced_batch(
         tokenizer, [zsre10[0].prompt, "I " + zsre10[0].prompt, "unrelated"], [zsre10[0].target] * 2 + [""]
     )
+    grads = []
+    for forward in (FullForward(model, adapter, rows), CachedForward(model, adapter, rows, TINY_LAYER)):
+        tau = (torch.randn(adapter.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.05).requires_grad_()
+        logits, scores = forward(tau)
+        (logits.logsumexp(-1).sum() + scores.sum()).backward()
+        grads.append((logits, scores, tau.grad))
+    for full, cached in zip(*grads, strict=True):
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_forward_reuses_score_only_rows_from_the_memo(tiny, zsre10):
+    model, tokenizer = tiny
+    adapter = attach_side_memory(model, TINY_LAYER)
     tau = torch.randn_like(adapter.weight) * 0.05
-    full_logits, full_scores = FullForward(model, adapter, rows)(tau)
-    cached_logits, cached_scores = CachedForward(model, adapter, rows, TINY_LAYER)(tau)
-    torch.testing.assert_close(cached_logits, full_logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(cached_scores, full_scores, rtol=1e-4, atol=1e-5)
+    memo = {}
+    first = teacher_forced_batch(
+        tokenizer, [zsre10[0].prompt, "an old prompt", "a kept prompt"], [zsre10[0].target, "", ""]
+    )
+    scores_first = CachedForward(model, adapter, first, TINY_LAYER, memo=memo).scores(tau)
+    kept = tuple(tokenizer("a kept prompt")["input_ids"])
+    assert len(memo) == 2 and kept in memo
+    memo[kept] = memo[kept] * 2  # a doctored entry shows the next edit reads the memo instead of the model
+    second = teacher_forced_batch(tokenizer, [zsre10[1].prompt, "a kept prompt", "new"], [zsre10[1].target, "", ""])
+    scores_second = CachedForward(model, adapter, second, TINY_LAYER, memo=memo).scores(tau)
+    torch.testing.assert_close(scores_second[1], 2 * scores_first[2])
+    assert set(memo) == {kept, tuple(tokenizer("new")["input_ids"])}
 
 
 def test_shards_merge_and_retrieve_spawn(tiny, zsre10):

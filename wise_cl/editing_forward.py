@@ -4,8 +4,8 @@
 change while tau is trained: the layer's input activation and its main-memory output. Each
 optimisation step then computes `cached output + tau a` and runs only the layers above.
 Rows without scored positions (WISE's irrelevant rows) need only their activation score and
-skip the upper layers. `FullForward` is the plain loop (full model and full logits every step),
-kept for comparison.
+skip the upper layers; the last layer's MLP runs only at the scored positions. `FullForward` is
+the plain loop (full model and full logits every step), kept for comparison.
 """
 
 from __future__ import annotations
@@ -33,6 +33,32 @@ class _CachedLayer(nn.Module):
 
     def forward(self, hidden_states: Tensor, **kwargs) -> Tensor:
         return self.output
+
+
+class _MLPAtPositions(nn.Module):
+    """Runs an MLP only at `positions` ([batch, tokens] bool); other positions get zeros."""
+
+    def __init__(self, mlp: nn.Module, positions: Tensor) -> None:
+        super().__init__()
+        self.mlp, self.positions = mlp, positions
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros(x.shape).index_put((self.positions,), self.mlp(x[self.positions]))
+
+
+@contextmanager
+def _last_mlp_only_at(layers: list[nn.Module], positions: Tensor) -> Iterator[None]:
+    """Run the MLP of the last of `layers` only where logits are needed: nothing above reads the others."""
+    last = layers[-1] if layers else None
+    if last is None or not isinstance(getattr(last, "mlp", None), nn.Module):
+        yield
+        return
+    mlp = last.mlp
+    last.mlp = _MLPAtPositions(mlp, positions)
+    try:
+        yield
+    finally:
+        last.mlp = mlp
 
 
 @contextmanager
@@ -85,7 +111,13 @@ class FullForward:
 
 
 class CachedForward(FullForward):
-    """Lower layers once per edit; every step only `tau a` and the layers above, logits where scored."""
+    """Lower layers once per edit; every step only `tau a` and the layers above, logits where scored.
+
+    Rows after the last one with a scored position (irrelevant and replayed prompts) need only
+    their activation score: their activations are kept packed (real tokens only) and, with `memo`,
+    reused from the previous edit where the same tokens came back (the layers below never change).
+    `memo` is left holding this edit's score-only rows.
+    """
 
     def __init__(
         self,
@@ -94,44 +126,88 @@ class CachedForward(FullForward):
         batch: TeacherForcedBatch,
         layer_path: str,
         score_mask: Tensor | None = None,
+        memo: dict[tuple[int, ...], Tensor] | None = None,
     ) -> None:
         super().__init__(model, adapter, batch, score_mask)
         self.decoder = model.base_model
         self.index = decoder_layer_index(layer_path)
+        self.upper_layers = list(self.decoder.layers[self.index + 1 :])
+        # columns after the last scored position are not needed above the edited layer either
+        rows, columns = batch.scored.nonzero(as_tuple=True)
+        n, t = self.upper = (int(rows.max()) + 1, int(columns.max()) + 1) if len(rows) else (0, 0)
+        real, tail_rows = batch.attention_mask.bool(), range(n, len(batch.input_ids))
+        keys = [tuple(batch.input_ids[r, real[r]].tolist()) for r in tail_rows]
+        memo = {} if memo is None else memo
+        missing = [r for r, key in zip(tail_rows, keys, strict=True) if key not in memo]
+        # (with nothing to compute, row 0 runs anyway so the cached tensors get their shapes)
+        activation, self.layer_output = self._lower_pass(batch, [*range(n), *missing] or [0])
+        self.activation = activation[:n]
+        memo.update({keys[r - n]: activation[n + i][real[r]] for i, r in enumerate(missing)})
+        self.tail = [memo[key] for key in keys]  # score-only rows: activations of their real tokens
+        memo.clear()
+        memo.update(zip(keys, self.tail, strict=True))
+        # their scored tokens packed, and the row each token belongs to
+        token_masks = [self.score_mask[r, real[r]].bool() for r in tail_rows]
+        self.tail_tokens = torch.cat([a[m] for a, m in zip(self.tail, token_masks, strict=True)]) if keys else None
+        counts = torch.tensor([int(m.sum()) for m in token_masks], dtype=torch.long)
+        self.tail_rows = torch.repeat_interleave(torch.arange(len(keys)), counts).to(batch.input_ids.device)
+        self.dummy_embeds = torch.zeros_like(self.layer_output[:, :t])
+
+    @torch.no_grad()
+    def _lower_pass(self, batch: TeacherForcedBatch, rows: list[int]) -> tuple[Tensor, Tensor]:
+        """The edited layer's input activation and main-memory output for `rows` of the batch."""
         captured: dict[str, Tensor] = {}
-        layer = self.decoder.layers[self.index]
         hooks = [
-            adapter.register_forward_pre_hook(lambda _, args: captured.__setitem__("a", args[0])),
-            layer.register_forward_hook(
+            self.adapter.register_forward_pre_hook(lambda _, args: captured.__setitem__("a", args[0])),
+            self.decoder.layers[self.index].register_forward_hook(
                 lambda _, args, out: captured.__setitem__("out", out[0] if isinstance(out, tuple) else out)
             ),
         ]
-        adapter.train_tau = torch.zeros_like(adapter.weight)
+        index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+        self.adapter.train_tau = torch.zeros_like(self.adapter.weight)
         try:
-            with torch.no_grad(), _layers_swapped(self.decoder, self.decoder.layers[: self.index + 1]):
+            with _layers_swapped(self.decoder, self.decoder.layers[: self.index + 1]):
                 self.decoder(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+                    input_ids=batch.input_ids[index],
+                    attention_mask=batch.attention_mask[index],
+                    position_ids=batch.position_ids[index],
                 )
         finally:
-            adapter.train_tau = None
+            self.adapter.train_tau = None
             for hook in hooks:
                 hook.remove()
-        self.activation, self.layer_output = captured["a"], captured["out"]
-        self.upper_layers = list(self.decoder.layers[self.index + 1 :])
-        # rows after the last one with a scored position (irrelevant rows) need only their score,
-        # and columns after the last scored position are not needed above the edited layer
-        rows, columns = batch.scored.nonzero(as_tuple=True)
-        self.upper = (int(rows.max()) + 1, int(columns.max()) + 1) if len(rows) else (0, 0)
-        self.dummy_embeds = torch.zeros_like(self.layer_output[: self.upper[0], : self.upper[1]])
+        return captured["a"], captured["out"][: self.upper[0]]
+
+    def full_activation(self) -> Tensor:
+        """The edited layer's input activation of every row, [batch, tokens, in], zeros at padding."""
+        n, real = self.upper[0], self.batch.attention_mask.bool()
+        full = self.activation.new_zeros((*real.shape, self.activation.shape[-1]))
+        full[:n] = self.activation
+        for i, a in enumerate(self.tail):
+            full[n + i, real[n + i]] = a
+        return full
+
+    def _scores(self, tau: Tensor) -> tuple[Tensor, Tensor]:
+        """`tau a` on the rows that go up, and the activation score of every row."""
+        n = self.upper[0]
+        delta = F.linear(self.activation, tau)
+        scores = sequence_scores(delta, self.score_mask[:n])
+        if self.tail_tokens is not None:
+            norms = F.linear(self.tail_tokens, tau).norm(dim=-1)
+            tail_scores = per_request_mean(norms, self.tail_rows, self.score_mask.shape[0] - n)
+            scores = torch.cat([scores, tail_scores.to(scores.dtype)])
+        return delta, scores
 
     def __call__(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         b, (n, t) = self.batch, self.upper
-        delta = F.linear(self.activation, tau)
-        scores = sequence_scores(delta, self.score_mask)
+        delta, scores = self._scores(tau)
         if n == 0:
             return delta.new_zeros((0, self.model.config.vocab_size)), scores
-        cached = _CachedLayer(self.layer_output[:n, :t] + delta[:n, :t])
-        with _layers_swapped(self.decoder, [cached, *self.upper_layers]):
+        cached = _CachedLayer(self.layer_output[:, :t] + delta[:, :t])
+        with (
+            _layers_swapped(self.decoder, [cached, *self.upper_layers]),
+            _last_mlp_only_at(self.upper_layers, b.scored[:n, :t]),
+        ):
             hidden = self.decoder(
                 inputs_embeds=self.dummy_embeds,
                 attention_mask=b.attention_mask[:n, :t],
@@ -142,7 +218,7 @@ class CachedForward(FullForward):
     @torch.no_grad()
     def scores(self, tau: Tensor) -> Tensor:
         """The activation score of every row under `tau`, from the cached activations alone."""
-        return sequence_scores(F.linear(self.activation, tau), self.score_mask)
+        return self._scores(tau)[1]
 
 
 def decoder_layer_index(layer_path: str) -> int:

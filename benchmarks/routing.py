@@ -1,0 +1,145 @@
+"""Where a finished WISE run's answers come from: routing rates, each memory's own accuracy on the
+edits it holds, and the scores under other routing thresholds, from the run's folder.
+
+python -m wise_cl.benchmarks.routing benchmarks/results/zsre_compare/tensorboard/wise/T100-chunk0 \
+    --act-ratio 0.88 1.0 1.2
+
+`act_ratio` only sets the thresholds (act_ratio x the smallest edit score a memory holds): it does
+not change what editing trained, so the run's final side memories are scored once per value.
+Writes `routing.json` into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from wise_cl.evaluation import predict_answers, teacher_forced_batch
+from wise_cl.metrics import per_request_mean
+from wise_cl.models import load_model
+from wise_cl.records import read_requests
+from wise_cl.strategies.wise import WISE
+
+
+def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
+    """The run's WISE strategy with its final side memories, its requests and locality reference."""
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    spec, data = config["model"]["strategy"], config["data"]
+    module, _, name = spec["class_path"].rpartition(".")
+    strategy = getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+    if not isinstance(strategy, WISE):
+        raise SystemExit(f"{folder}: the run's strategy is {spec['class_path']}, not WISE")
+    strategy.prepare(*load_model(config["model"]["model_name"]))
+    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["wise_cl"]
+    strategy.load_state_dict(state["strategy"])
+    requests = read_requests(data["path"], data.get("layout"), data["num_edits"], data.get("start") or 0)
+    return strategy, requests, state["locality_reference"]
+
+
+@torch.no_grad()
+def memory_scores(strategy: WISE, prompts: list[str], answers: list[str], batch: int = 16) -> Tensor:
+    """Activation score of each prompt + answer on each serving memory: [memories, prompts]."""
+    adapter, captured = strategy.adapter, {}
+    handle = adapter.register_forward_pre_hook(lambda _, args: captured.__setitem__("a", args[0]))
+    scores = []
+    try:
+        for start in range(0, len(prompts), batch):
+            rows = teacher_forced_batch(
+                strategy.tokenizer, prompts[start : start + batch], answers[start : start + batch]
+            )
+            rows = rows.to(strategy.model.device)
+            strategy.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids)
+            adapter.token_mask = rows.attention_mask
+            scores.append(adapter.scores(captured["a"]).cpu())
+    finally:
+        handle.remove()
+    return torch.cat(scores, 1)
+
+
+def accuracy(strategy: WISE, prompts: list[str], answers: list[str], reference: list[Tensor] | None = None) -> Tensor:
+    """Per request, the share of answer tokens predicted right (or as the unedited model did)."""
+    out = predict_answers(strategy.model, strategy.tokenizer, prompts, answers)
+    target = torch.cat(reference).to(out.preds.device) if reference is not None else out.labels
+    return per_request_mean((out.preds == target).double(), out.rows, len(prompts)).cpu()
+
+
+def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
+    """Per request, the index of the serving memory that holds it (None if that is not one block each)."""
+    if not strategy.retrieve:
+        return torch.zeros(num_requests, dtype=torch.long)
+    size = strategy.edits_per_shard * strategy.shards_per_merge
+    if len(strategy.frozen) * size + len(strategy.memory_prompts) != num_requests:
+        return None
+    return torch.arange(num_requests) // size
+
+
+def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: Tensor) -> float:
+    """Mean accuracy when every request is answered by the memory that holds it (perfect routing)."""
+    adapter = strategy.adapter
+    taus, thresholds = adapter.taus, adapter.thresholds
+    correct = torch.zeros(len(holder), dtype=torch.double)
+    try:
+        for m, tau in enumerate(taus):
+            held = (holder == m).nonzero().squeeze(1).tolist()
+            if held:
+                adapter.taus, adapter.thresholds = [tau], [-float("inf")]
+                correct[held] = accuracy(strategy, *([pairs[k][i] for i in held] for k in range(2)))
+    finally:
+        adapter.taus, adapter.thresholds = taus, thresholds
+    return float(correct.mean())
+
+
+def routing_report(folder: Path, act_ratios: list[float]) -> dict[str, Any]:
+    strategy, requests, reference = load_run(folder)
+    targets = [r.target for r in requests]
+    sets = {
+        "reliability": ([r.prompt for r in requests], targets),
+        "generalization": ([r.rephrases[0] if r.rephrases else r.prompt for r in requests], targets),
+        "locality": ([r.locality_prompt for r in requests], [r.locality_answer for r in requests]),
+    }
+    scores = {name: memory_scores(strategy, *pairs) for name, pairs in sets.items()}
+    holder = holding_memory(strategy, len(requests))
+    report: dict[str, Any] = {"run": str(folder), "memories": len(strategy.adapter.taus)}
+    if holder is not None:
+        report["holding_memory_accuracy"] = {
+            name: forced_accuracy(strategy, sets[name], holder) for name in ("reliability", "generalization")
+        }
+    rows = []
+    for ratio in act_ratios:
+        strategy.act_ratio = ratio
+        strategy._publish()
+        thresholds = torch.tensor(strategy.adapter.thresholds)
+        row: dict[str, Any] = {"act_ratio": ratio, "thresholds": [round(t, 2) for t in thresholds.tolist()]}
+        for name, pairs in sets.items():
+            row[name] = float(accuracy(strategy, *pairs, reference if name == "locality" else None).mean())
+            best, index = scores[name].max(0)
+            routed = best > thresholds[index]
+            row[f"{name}_routed"] = float(routed.float().mean())
+            if holder is not None and name != "locality":
+                row[f"{name}_routed_to_holder"] = float((routed & (index == holder)).float().mean())
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "thresholds"}), flush=True)
+    return report | {"act_ratio": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a `wise-cl fit` run folder (config.yaml, checkpoints/last.ckpt)")
+    parser.add_argument("--act-ratio", type=float, nargs="+", default=[0.88])
+    args = parser.parse_args()
+    report = routing_report(args.run, args.act_ratio)
+    report["command"] = "python -m wise_cl.benchmarks.routing " + shlex.join(sys.argv[1:])
+    (args.run / "routing.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
