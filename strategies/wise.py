@@ -44,6 +44,8 @@ class WISE(EditStrategy):
         lr: SGD learning rate on the side memory.
         n_iter: optimisation steps per experience at most.
         early_stop_loss: stop an experience's loop once the loss is below this.
+        early_stop_on: `loss` (editing plus activation loss) or `edit_loss` (the editing loss alone: the
+            activation margins may be out of reach, and then the total never falls under the bound).
         num_context: generated context prefixes per edit row (rows per edit = 1 + num_context).
         context_length: tokens per generated prefix.
         score_context: count the context prefix tokens in an edit row's activation score (False: only
@@ -76,6 +78,7 @@ class WISE(EditStrategy):
         lr: float = 1.0,
         n_iter: int = 70,
         early_stop_loss: float = 0.01,
+        early_stop_on: str = "loss",
         num_context: int = 10,
         context_length: int = 10,
         score_context: bool = False,
@@ -90,6 +93,8 @@ class WISE(EditStrategy):
             raise ValueError(f"strategy.merge_method: unknown '{merge_method}'; expected one of {MERGE_METHODS}")
         if not 0 < mask_ratio <= 1 or not 0 < merge_density <= 1:
             raise ValueError("strategy.mask_ratio and strategy.merge_density must lie in (0, 1]")
+        if early_stop_on not in ("loss", "edit_loss"):
+            raise ValueError(f"strategy.early_stop_on: unknown '{early_stop_on}'; expected 'loss' or 'edit_loss'")
         if replay < 0:
             raise ValueError(f"strategy.replay must be at least 0, got {replay}")
         if num_context > len(CONTEXT_SEEDS):
@@ -100,6 +105,7 @@ class WISE(EditStrategy):
         self.alpha, self.beta, self.gamma, self.act_ratio = alpha, beta, gamma, act_ratio
         self.act_loss_weight = act_loss_weight
         self.lr, self.n_iter, self.early_stop_loss = lr, n_iter, early_stop_loss
+        self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
         self.irrelevant_source, self.cached_forward = irrelevant_source, cached_forward
         self.replay, self.batch_edit = replay, batch_edit
@@ -189,7 +195,9 @@ class WISE(EditStrategy):
             loss = edit_loss + self.act_loss_weight * act_loss
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 
-        stats = optimise_delta(forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss, self.mask)
+        stats = optimise_delta(
+            forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss, self.mask, self.early_stop_on
+        )
         scores = forward.scores(self.tau)
         plain_rows = scores[: n_edit : 1 + len(self.contexts)]
         self.min_score = min(self.min_score, plain_rows.min().item())

@@ -165,6 +165,21 @@ def test_cached_forward_reuses_score_only_rows_from_the_memo(tiny, zsre10):
     assert set(memo) == {kept, tuple(tokenizer("new")["input_ids"])}
 
 
+def test_early_stop_can_watch_the_editing_loss_alone(tiny, zsre10):
+    # the edit loss of a random tiny model is far above 0.5 but under 1e3; the total adds an
+    # activation loss that margins of 1e6 keep above 1e3
+    settings = dict(early_stop_loss=1e3, alpha=0.0, beta=1e6, gamma=1e6, act_loss_weight=1.0)
+    steps = {}
+    for stop_on in ("loss", "edit_loss"):
+        strategy = small_wise(early_stop_on=stop_on, **settings)
+        strategy.prepare(*tiny)
+        steps[stop_on] = strategy.edit(EditBatch([0], [zsre10[0]]))["steps"]
+        strategy.detach()
+    assert steps == {"loss": 15, "edit_loss": 1}
+    with pytest.raises(ValueError, match="early_stop_on"):
+        small_wise(early_stop_on="edit")
+
+
 def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
     strategy = small_wise(retrieve=True)
     strategy.prepare(*tiny)

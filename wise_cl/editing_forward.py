@@ -237,15 +237,17 @@ def optimise_delta(
     n_iter: int,
     early_stop_loss: float = 0.0,
     grad_mask: Tensor | None = None,
+    stop_on: str = "loss",
 ) -> dict[str, float]:
-    """Plain SGD on `delta` for at most `n_iter` steps, stopping once `loss_fn(*forward(delta))["loss"]`
-    is below `early_stop_loss`; the gradient is multiplied by `grad_mask` so nothing outside it moves."""
+    """Plain SGD on `delta` for at most `n_iter` steps on `loss_fn(*forward(delta))["loss"]`, stopping
+    once the term named `stop_on` is below `early_stop_loss`; the gradient is multiplied by
+    `grad_mask` so nothing outside it moves."""
     optimizer = torch.optim.SGD([delta], lr=lr)
     steps = 0
     while steps < n_iter:
         steps += 1
         losses = loss_fn(*forward(delta))
-        if losses["loss"].item() < early_stop_loss:
+        if losses[stop_on].item() < early_stop_loss:
             break
         optimizer.zero_grad()
         losses["loss"].backward()
