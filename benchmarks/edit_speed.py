@@ -14,6 +14,7 @@ the config's WISE settings (values read as YAML).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
 import statistics
@@ -60,6 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())["model"]
     overrides = {key: yaml.safe_load(value) for key, value in key_values(args.set, "--set")} if args.set else {}
+    unknown = set(overrides) - set(inspect.signature(WISE).parameters)
+    if unknown:
+        raise SystemExit(f"--set: WISE has no setting {', '.join(sorted(unknown))}")
     settings = config["strategy"].get("init_args", {}) | overrides
     requests = read_requests("zsre", limit=args.num_edits)
     cached = timed_stream(config["model_name"], settings, requests)

@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from wise_cl.editing_forward import CachedForward
 from wise_cl.evaluation import predict_answers, teacher_forced_batch
 from wise_cl.metrics import per_request_mean
 from wise_cl.models import load_model
@@ -32,6 +33,9 @@ from wise_cl.strategies.wise import WISE
 
 def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
     """The run's WISE strategy with its final side memories, its requests and locality reference."""
+    for needed in (folder / "config.yaml", folder / "checkpoints" / "last.ckpt"):
+        if not needed.is_file():
+            raise SystemExit(f"{needed}: not found; pass the folder of a finished `wise-cl fit` run")
     config = yaml.safe_load((folder / "config.yaml").read_text())
     spec, data = config["model"]["strategy"], config["data"]
     module, _, name = spec["class_path"].rpartition(".")
@@ -48,20 +52,13 @@ def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
 @torch.no_grad()
 def memory_scores(strategy: WISE, prompts: list[str], answers: list[str], batch: int = 16) -> Tensor:
     """Activation score of each prompt + answer on each serving memory: [memories, prompts]."""
-    adapter, captured = strategy.adapter, {}
-    handle = adapter.register_forward_pre_hook(lambda _, args: captured.__setitem__("a", args[0]))
-    scores = []
-    try:
-        for start in range(0, len(prompts), batch):
-            rows = teacher_forced_batch(
-                strategy.tokenizer, prompts[start : start + batch], answers[start : start + batch]
-            )
-            rows = rows.to(strategy.model.device)
-            strategy.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids)
-            adapter.token_mask = rows.attention_mask
-            scores.append(adapter.scores(captured["a"]).cpu())
-    finally:
-        handle.remove()
+    adapter, scores = strategy.adapter, []
+    for start in range(0, len(prompts), batch):
+        rows = teacher_forced_batch(strategy.tokenizer, prompts[start : start + batch], answers[start : start + batch])
+        rows = rows.to(strategy.model.device)
+        activation = CachedForward(strategy.model, adapter, rows, strategy.layer).full_activation()
+        adapter.token_mask = rows.attention_mask
+        scores.append(adapter.scores(activation).cpu())
     return torch.cat(scores, 1)
 
 
