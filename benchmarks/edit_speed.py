@@ -1,14 +1,13 @@
 """Seconds per WISE edit: this implementation (cached forward) against the plain loop, in one run.
 
-python -m wise_cl.benchmarks.edit_speed --config configs/zsre_wise.yaml --num-edits 100 --plain-edits 5 \
-    --set layer=model.layers.25.mlp.down_proj
+python -m wise_cl.benchmarks.edit_speed --config configs/zsre_wise_retrieve.yaml --num-edits 100 --plain-every 20
 
-The cached run edits the first `--num-edits` ZsRE requests as one stream with the config's WISE
-settings (early stopping and the memory callbacks included) and reports the median seconds per
-edit. The plain loop (full model and full logits every step) then edits the first `--plain-edits`
-of the same requests with at most the number of steps each took in the cached run, so both loops
-do the same work; the speedup is the median of the per-edit time ratios. `--set key=value` overrides
-the config's WISE settings (values read as YAML).
+The run edits the first `--num-edits` ZsRE requests as one stream with the config's WISE settings
+(early stopping and the memory callbacks included) and reports the median seconds per edit. Every
+`--plain-every`-th edit is also made by the plain loop (full model over the whole edit batch and
+full logits every step) from the same state and with the number of steps the cached edit took;
+the stream then goes on from the cached result. The speedup is the median of the per-edit time
+ratios. `--set key=value` overrides the config's WISE settings (values read as YAML).
 """
 
 from __future__ import annotations
@@ -31,31 +30,42 @@ from wise_cl.records import read_requests
 from wise_cl.strategies.wise import WISE
 
 
-def timed_stream(model_name: str, settings: dict, requests: list, steps: list[int] | None = None) -> list[dict]:
-    """Edit the requests one by one; seconds and steps per edit. With `steps`, the plain loop edits
-    instead, edit i running at most `steps[i]` steps (the same early stop ends it where it ended before)."""
-    model, tokenizer = load_model(model_name)
-    strategy = WISE(**settings) if steps is None else WISE(**settings | {"cached_forward": False})
-    strategy.prepare(model, tokenizer)
+def timed_edit(strategy: WISE, batch: EditBatch) -> dict:
+    start = time.perf_counter()
+    stats = strategy.edit(batch)
+    seconds = time.perf_counter() - start
+    return {"edit": batch.indices[0], "seconds": seconds, "steps": stats["steps"], "loss": stats["loss"]}
+
+
+def timed_stream(model_name: str, settings: dict, requests: list, plain_every: int) -> tuple[list[dict], list[dict]]:
+    """Edit the requests one by one with the cached forward; every `plain_every`-th edit is also
+    timed with the plain loop from the same state. Seconds and steps per edit, for both loops."""
+    strategy = WISE(**settings)
+    strategy.prepare(*load_model(model_name))
     strategy.contexts = strategy._generate_contexts()  # generated once, outside the timed edits
-    callbacks = strategy.callbacks()
-    edits = []
+    callbacks, n_iter = strategy.callbacks(), strategy.n_iter
+    cached, plain = [], []
     for i, request in enumerate(requests):
-        if steps is not None:
-            strategy.n_iter = steps[i]
-        start = time.perf_counter()
-        stats = strategy.edit(EditBatch([i], [request]))
-        edits.append({"seconds": time.perf_counter() - start, "steps": stats["steps"]})
+        batch = EditBatch([i], [request])
+        before = strategy.state_dict() if i % plain_every == 0 else None
+        cached.append(timed_edit(strategy, batch))
+        if before is not None:
+            after = strategy.state_dict()
+            strategy.load_state_dict(before)
+            strategy.cached_forward, strategy.n_iter = False, cached[-1]["steps"]
+            plain.append(timed_edit(strategy, batch))
+            strategy.cached_forward, strategy.n_iter = True, n_iter
+            strategy.load_state_dict(after)
         for callback in callbacks:
             callback.after_edit(strategy)
-    return edits
+    return cached, plain
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/zsre_wise.yaml"))
     parser.add_argument("--num-edits", type=int, default=100)
-    parser.add_argument("--plain-edits", type=int, default=5)
+    parser.add_argument("--plain-every", type=int, default=20, help="time the plain loop on every k-th edit")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override WISE settings")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/edit_speed.json"))
     args = parser.parse_args()
@@ -66,9 +76,8 @@ def main() -> None:
         raise SystemExit(f"--set: WISE has no setting {', '.join(sorted(unknown))}")
     settings = config["strategy"].get("init_args", {}) | overrides
     requests = read_requests("zsre", limit=args.num_edits)
-    cached = timed_stream(config["model_name"], settings, requests)
-    head = cached[: args.plain_edits]
-    plain = timed_stream(config["model_name"], settings, requests[: args.plain_edits], [e["steps"] for e in head])
+    cached, plain = timed_stream(config["model_name"], settings, requests, args.plain_every)
+    same = [cached[p["edit"]] for p in plain]
     result = {
         "command": "python -m wise_cl.benchmarks.edit_speed " + shlex.join(sys.argv[1:]),
         "config": str(args.config),
@@ -76,9 +85,9 @@ def main() -> None:
         "num_edits": args.num_edits,
         "cached_seconds_per_edit_median": statistics.median(e["seconds"] for e in cached),
         "cached_steps_median": statistics.median(e["steps"] for e in cached),
-        "plain_edits": args.plain_edits,
+        "plain_edits": [p["edit"] for p in plain],
         "plain_seconds_per_edit_median": statistics.median(e["seconds"] for e in plain),
-        "speedup_median": statistics.median(p["seconds"] / c["seconds"] for p, c in zip(plain, head, strict=True)),
+        "speedup_median": statistics.median(p["seconds"] / c["seconds"] for p, c in zip(plain, same, strict=True)),
         "cached": cached,
         "plain": plain,
     }

@@ -54,6 +54,10 @@ class WISE(EditStrategy):
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
+        consolidate_steps: when a shard is full, train it this many more steps on all its edits together
+            (their plain prompts, without context rows) and record their scores again for the threshold;
+            edits made one after another overwrite each other in a shard, and this recovers them
+            (0: off, as in the paper).
         batch_edit: edit an experience's requests together in one loop (False: one by one).
         cached_forward: run layers below the edited one once per experience (False: full model each step).
         seed: seed for masks and context prefixes.
@@ -85,6 +89,7 @@ class WISE(EditStrategy):
         irrelevant_source: str = "zsre",
         retrieve: bool = False,
         replay: int = 0,
+        consolidate_steps: int = 0,
         batch_edit: bool = True,
         cached_forward: bool = True,
         seed: int = 0,
@@ -95,8 +100,8 @@ class WISE(EditStrategy):
             raise ValueError("strategy.mask_ratio and strategy.merge_density must lie in (0, 1]")
         if early_stop_on not in ("loss", "edit_loss"):
             raise ValueError(f"strategy.early_stop_on: unknown '{early_stop_on}'; expected 'loss' or 'edit_loss'")
-        if replay < 0:
-            raise ValueError(f"strategy.replay must be at least 0, got {replay}")
+        if replay < 0 or consolidate_steps < 0:
+            raise ValueError("strategy.replay and strategy.consolidate_steps must be at least 0")
         if num_context > len(CONTEXT_SEEDS):
             raise ValueError(f"strategy.num_context is at most {len(CONTEXT_SEEDS)}")
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
@@ -108,7 +113,7 @@ class WISE(EditStrategy):
         self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
         self.irrelevant_source, self.cached_forward = irrelevant_source, cached_forward
-        self.replay, self.batch_edit = replay, batch_edit
+        self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.contexts: list[str] = []
 
     # set-up -------------------------------------------------------------------------------------
@@ -123,6 +128,8 @@ class WISE(EditStrategy):
         self.merged: Tensor | None = None  # merge of the current memory's earlier groups
         self.frozen: list[tuple[Tensor, float]] = []  # WISE-Retrieve: finished memories, with min score
         self.min_score = math.inf
+        self.closed_min_score = math.inf  # smallest score among the edits of the memory's closed shards
+        self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
         self.memory_prompts: list[str] = []  # prompts of the edits the current memory holds
         self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
         self.shard_index, self.edits_in_shard = 0, 0
@@ -173,7 +180,29 @@ class WISE(EditStrategy):
                 prompts.append(f"{context} {request.prompt}" if context else request.prompt)
                 targets.append(request.target)
                 context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
-        irrelevant = [self.irrelevant[i % len(self.irrelevant)] for i in batch.indices]
+        stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
+        self.min_score = min(self.min_score, scores[:: 1 + len(self.contexts)].min().item())
+        self.edits_in_shard += len(batch)
+        self.memory_prompts += [r.prompt for r in batch.requests]
+        self.shard_edits += [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
+        if self.consolidate_steps and self.shard_full():
+            stats["consolidation_steps"] = self.consolidate()
+        self._publish()
+        return stats
+
+    def consolidate(self) -> int:
+        """Train the open shard on all its edits together and re-record their scores; steps taken."""
+        indices, prompts, targets = (list(column) for column in zip(*self.shard_edits, strict=True))
+        stats, scores = self._train(prompts, targets, [0] * len(prompts), indices, self.consolidate_steps)
+        self.min_score = min(self.closed_min_score, scores.min().item())
+        return stats["steps"]
+
+    def _train(
+        self, prompts: list[str], targets: list[str], context_lengths: list[int], indices: list[int], n_iter: int
+    ) -> tuple[dict[str, float], Tensor]:
+        """Train tau on the edit rows (prompt -> target) against the irrelevant samples of `indices` and
+        the replayed prompts; the loop's statistics and the edit rows' scores afterwards."""
+        irrelevant = [self.irrelevant[i % len(self.irrelevant)] for i in indices]
         irrelevant += self.replay_prompts[-self.replay :] if self.replay else []
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
@@ -196,15 +225,9 @@ class WISE(EditStrategy):
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 
         stats = optimise_delta(
-            forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss, self.mask, self.early_stop_on
+            forward, self.tau, loss_fn, self.lr, n_iter, self.early_stop_loss, self.mask, self.early_stop_on
         )
-        scores = forward.scores(self.tau)
-        plain_rows = scores[: n_edit : 1 + len(self.contexts)]
-        self.min_score = min(self.min_score, plain_rows.min().item())
-        self.edits_in_shard += len(batch)
-        self.memory_prompts += [r.prompt for r in batch.requests]
-        self._publish()
-        return stats
+        return stats, forward.scores(self.tau)[:n_edit]
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""
@@ -223,6 +246,7 @@ class WISE(EditStrategy):
     def close_shard(self) -> None:
         """Keep the finished shard for merging; the next edits train a new random subspace from W."""
         self.shards.append(self.tau.detach().clone())
+        self.closed_min_score, self.shard_edits = self.min_score, []
         self.shard_index += 1
         self.mask = self._shard_mask(self.shard_index)
         with torch.no_grad():
@@ -243,7 +267,7 @@ class WISE(EditStrategy):
         if self.merged is None:
             return
         self.frozen.append((self.merged, self.min_score))
-        self.merged, self.min_score = None, math.inf
+        self.merged, self.min_score, self.closed_min_score = None, math.inf, math.inf
         self.replay_prompts += self.memory_prompts
         self.memory_prompts = []
         self._publish()
@@ -284,6 +308,8 @@ class WISE(EditStrategy):
             "frozen": [tau for tau, _ in self.frozen],
             "frozen_min_scores": [score for _, score in self.frozen],
             "min_score": self.min_score,
+            "closed_min_score": self.closed_min_score,
+            "shard_edits": list(self.shard_edits),
             "shard_index": self.shard_index,
             "edits_in_shard": self.edits_in_shard,
             "contexts": list(self.contexts),
@@ -297,6 +323,8 @@ class WISE(EditStrategy):
         self.shards, self.merged = list(state["shards"]), state["merged"]
         self.frozen = list(zip(state["frozen"], state["frozen_min_scores"], strict=True))
         self.min_score, self.contexts = state["min_score"], list(state["contexts"])
+        self.closed_min_score = state.get("closed_min_score", math.inf)
+        self.shard_edits = [tuple(edit) for edit in state.get("shard_edits", [])]
         self.memory_prompts, self.replay_prompts = list(state["memory_prompts"]), list(state["replay_prompts"])
         self.shard_index, self.edits_in_shard = state["shard_index"], state["edits_in_shard"]
         self.mask = self._shard_mask(self.shard_index)

@@ -36,11 +36,15 @@ def test_sweep_variant_becomes_strategy_overrides():
         key_values(["lr"], "--set")
 
 
-def test_edit_speed_runs_the_plain_loop_with_the_cached_runs_steps(zsre10):
-    settings = dict(layer=TINY_LAYER, n_iter=4, num_context=1, context_length=3, early_stop_loss=0.0)
-    cached = timed_stream("tiny", settings, zsre10[:2])
-    plain = timed_stream("tiny", settings, zsre10[:2], [e["steps"] for e in cached])
-    assert [e["steps"] for e in cached] == [4, 4] == [e["steps"] for e in plain]
+def test_edit_speed_times_the_plain_loop_on_the_same_edits_without_changing_the_stream(zsre10):
+    settings = dict(layer=TINY_LAYER, n_iter=4, num_context=1, context_length=3, early_stop_loss=0.0, lr=0.5)
+    cached, plain = timed_stream("tiny", settings, zsre10[:3], plain_every=2)
+    alone, _ = timed_stream("tiny", settings, zsre10[:3], plain_every=10)
+    assert [p["edit"] for p in plain] == [0, 2]
+    assert [p["steps"] for p in plain] == [cached[0]["steps"], cached[2]["steps"]] == [4, 4]
+    # the plain edit starts from the state the cached one started from, and leaves no trace
+    assert [p["loss"] for p in plain] == pytest.approx([cached[0]["loss"], cached[2]["loss"]], rel=1e-4)
+    assert [c["loss"] for c in cached] == [c["loss"] for c in alone]
     assert all(e["seconds"] > 0 for e in cached + plain)
 
 

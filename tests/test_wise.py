@@ -277,3 +277,24 @@ def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit
     assert strategy.replay_prompts == [zsre10[0].prompt, zsre10[1].prompt]
     assert edit_prompts[1][-1] == zsre10[0].prompt and zsre10[0].prompt not in edit_prompts[0][1:]
     assert len(strategy.adapter.taus) == 2
+
+
+def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_threshold(tiny, zsre10, edit_prompts):
+    model, tokenizer = tiny
+    requests = zsre10[:2]
+    strategy = small_wise(consolidate_steps=5, n_iter=3)
+    strategy.prepare(model, tokenizer)
+    first = strategy.edit(EditBatch([0], [requests[0]]))
+    nll_before = predict_answers(model, tokenizer, [r.prompt for r in requests], [r.target for r in requests]).nll
+    second = strategy.edit(EditBatch([1], [requests[1]]))
+    assert "consolidation_steps" not in first and second["consolidation_steps"] == 5
+    # the last batch holds both edits' plain prompts, then their irrelevant samples
+    assert edit_prompts[-1][:2] == [r.prompt for r in requests] and len(edit_prompts[-1]) == 4
+    rows = teacher_forced_batch(tokenizer, [r.prompt for r in requests], [r.target for r in requests])
+    scores = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.tau)
+    assert strategy.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+    nll_after = predict_answers(model, tokenizer, [r.prompt for r in requests], [r.target for r in requests]).nll
+    assert nll_after.mean() < nll_before.mean()
+    assert torch.all(strategy.tau.detach()[strategy.mask == 0] == 0)
+    strategy.close_shard()
+    assert strategy.shard_edits == [] and strategy.closed_min_score == strategy.min_score

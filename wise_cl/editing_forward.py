@@ -213,12 +213,19 @@ class CachedForward(FullForward):
                 attention_mask=b.attention_mask[:n, :t],
                 position_ids=b.position_ids[:n, :t],
             ).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[b.scored[:n, :t]]), scores
+        return few_row_logits(self.model.get_output_embeddings(), hidden[b.scored[:n, :t]]), scores
 
     @torch.no_grad()
     def scores(self, tau: Tensor) -> Tensor:
         """The activation score of every row under `tau`, from the cached activations alone."""
         return self._scores(tau)[1]
+
+
+def few_row_logits(head: nn.Linear, hidden: Tensor) -> Tensor:
+    """`head(hidden)` for a few rows, as `weight @ hidden^T`: this reads the large vocabulary matrix
+    in its stored layout, about twice as fast on CPU (forward and backward) as `hidden @ weight^T`."""
+    logits = (head.weight @ hidden.T).T
+    return logits if head.bias is None else logits + head.bias
 
 
 def decoder_layer_index(layer_path: str) -> int:
@@ -260,5 +267,7 @@ def optimise_delta(
 def edit_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
     """Per edit row (the first `n_edit` rows), the mean NLL of its target tokens; logits at `rows.scored`."""
     edit = rows.rows < n_edit
+    if edit.all():  # the usual case (other rows have no target): no copy of the logits
+        return per_request_mean(F.cross_entropy(logits.float(), rows.labels, reduction="none"), rows.rows, n_edit)
     nll = F.cross_entropy(logits[edit].float(), rows.labels[edit], reduction="none")
     return per_request_mean(nll, rows.rows[edit], n_edit)
