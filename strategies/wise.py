@@ -132,7 +132,7 @@ class WISE(EditStrategy):
         self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
         self.memory_prompts: list[str] = []  # prompts of the edits the current memory holds
         self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
-        self.shard_index, self.edits_in_shard = 0, 0
+        self.shard_index = 0
         self.mask = self._shard_mask(0)
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
 
@@ -182,7 +182,6 @@ class WISE(EditStrategy):
                 context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
         self.min_score = min(self.min_score, scores[:: 1 + len(self.contexts)].min().item())
-        self.edits_in_shard += len(batch)
         self.memory_prompts += [r.prompt for r in batch.requests]
         self.shard_edits += [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
         if self.consolidate_steps and self.shard_full():
@@ -241,7 +240,7 @@ class WISE(EditStrategy):
     # memory management (called by the callbacks in wise_cl.callbacks) ----------------------------
 
     def shard_full(self) -> bool:
-        return self.edits_in_shard >= self.edits_per_shard
+        return len(self.shard_edits) >= self.edits_per_shard
 
     def close_shard(self) -> None:
         """Keep the finished shard for merging; the next edits train a new random subspace from W."""
@@ -251,7 +250,6 @@ class WISE(EditStrategy):
         self.mask = self._shard_mask(self.shard_index)
         with torch.no_grad():
             self.tau.zero_()
-        self.edits_in_shard = 0
 
     def group_full(self) -> bool:
         return len(self.shards) >= self.shards_per_merge
@@ -273,7 +271,7 @@ class WISE(EditStrategy):
         self._publish()
 
     def _consolidated(self, include_current: bool = True) -> Tensor | None:
-        parts = self.shards + ([self.tau.detach()] if include_current and self.edits_in_shard else [])
+        parts = self.shards + ([self.tau.detach()] if include_current and self.shard_edits else [])
         if self.merged is None and len(parts) <= 1:
             return parts[0].clone() if parts else None
         taus = ([self.merged] if self.merged is not None else []) + parts
@@ -311,7 +309,6 @@ class WISE(EditStrategy):
             "closed_min_score": self.closed_min_score,
             "shard_edits": list(self.shard_edits),
             "shard_index": self.shard_index,
-            "edits_in_shard": self.edits_in_shard,
             "contexts": list(self.contexts),
             "memory_prompts": list(self.memory_prompts),
             "replay_prompts": list(self.replay_prompts),
@@ -323,9 +320,9 @@ class WISE(EditStrategy):
         self.shards, self.merged = list(state["shards"]), state["merged"]
         self.frozen = list(zip(state["frozen"], state["frozen_min_scores"], strict=True))
         self.min_score, self.contexts = state["min_score"], list(state["contexts"])
-        self.closed_min_score = state.get("closed_min_score", math.inf)
-        self.shard_edits = [tuple(edit) for edit in state.get("shard_edits", [])]
+        self.closed_min_score = state["closed_min_score"]
+        self.shard_edits = [tuple(edit) for edit in state["shard_edits"]]
         self.memory_prompts, self.replay_prompts = list(state["memory_prompts"]), list(state["replay_prompts"])
-        self.shard_index, self.edits_in_shard = state["shard_index"], state["edits_in_shard"]
+        self.shard_index = state["shard_index"]
         self.mask = self._shard_mask(self.shard_index)
         self._publish()

@@ -266,8 +266,8 @@ def optimise_delta(
 
 def edit_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
     """Per edit row (the first `n_edit` rows), the mean NLL of its target tokens; logits at `rows.scored`."""
-    edit = rows.rows < n_edit
-    if edit.all():  # the usual case (other rows have no target): no copy of the logits
-        return per_request_mean(F.cross_entropy(logits.float(), rows.labels, reduction="none"), rows.rows, n_edit)
-    nll = F.cross_entropy(logits[edit].float(), rows.labels[edit], reduction="none")
-    return per_request_mean(nll, rows.rows[edit], n_edit)
+    labels, row_ids = rows.labels, rows.rows
+    edit = row_ids < n_edit
+    if not edit.all():  # other rows have targets too (no copy of the logits in the usual case)
+        logits, labels, row_ids = logits[edit], labels[edit], row_ids[edit]
+    return per_request_mean(F.cross_entropy(logits.float(), labels, reduction="none"), row_ids, n_edit)
