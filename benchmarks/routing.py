@@ -74,7 +74,7 @@ def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
     if not strategy.retrieve:
         return torch.zeros(num_requests, dtype=torch.long)
     size = strategy.edits_per_shard * strategy.shards_per_merge
-    if len(strategy.frozen) * size + len(strategy.memory_prompts) != num_requests:
+    if len(strategy.frozen) * size + len(strategy.memory_edits) != num_requests:
         return None
     return torch.arange(num_requests) // size
 

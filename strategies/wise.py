@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
 from wise_cl.data import EditBatch
 from wise_cl.editing_forward import CachedForward, FullForward, edit_nll, optimise_delta
-from wise_cl.evaluation import teacher_forced_batch
+from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.merging import MERGE_METHODS, merge_task_vectors
 from wise_cl.records import read_irrelevant_prompts
 from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory, save_side_memories
@@ -50,7 +50,9 @@ class WISE(EditStrategy):
         context_length: tokens per generated prefix.
         score_context: count the context prefix tokens in an edit row's activation score (False: only
             the prompt and target tokens, which are what a routed sequence holds at inference).
-        irrelevant_source: bundled data set name or JSON list of the irrelevant texts (edit i uses text i).
+        irrelevant_source: bundled data set name or JSON list of the irrelevant texts.
+        num_irrelevant: irrelevant texts per edit (edit i uses texts i*n to i*n+n-1, wrapping around the list);
+            they need only their activation score, so more of them cost little per step.
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
@@ -58,6 +60,12 @@ class WISE(EditStrategy):
             (their plain prompts, without context rows) and record their scores again for the threshold;
             edits made one after another overwrite each other in a shard, and this recovers them
             (0: off, as in the paper).
+        rescore_on_merge: after a merge, record the scores of all the memory's edits under the merged memory
+            for its threshold (False: keep the smallest score recorded while editing, as in the paper; a merge
+            adds the other shards' response, so those scores sit well below what the merged memory gives).
+        merge_consolidate_steps: after a merge, train the merged memory this many steps on all the edits it
+            holds (only entries the merge set move), then record their scores as with `rescore_on_merge`;
+            each shard was trained without the others, whose response on its edits the merge adds (0: off).
         batch_edit: edit an experience's requests together in one loop (False: one by one).
         cached_forward: run layers below the edited one once per experience (False: full model each step).
         seed: seed for masks and context prefixes.
@@ -87,9 +95,12 @@ class WISE(EditStrategy):
         context_length: int = 10,
         score_context: bool = False,
         irrelevant_source: str = "zsre",
+        num_irrelevant: int = 1,
         retrieve: bool = False,
         replay: int = 0,
         consolidate_steps: int = 0,
+        rescore_on_merge: bool = False,
+        merge_consolidate_steps: int = 0,
         batch_edit: bool = True,
         cached_forward: bool = True,
         seed: int = 0,
@@ -100,8 +111,10 @@ class WISE(EditStrategy):
             raise ValueError("strategy.mask_ratio and strategy.merge_density must lie in (0, 1]")
         if early_stop_on not in ("loss", "edit_loss"):
             raise ValueError(f"strategy.early_stop_on: unknown '{early_stop_on}'; expected 'loss' or 'edit_loss'")
-        if replay < 0 or consolidate_steps < 0:
-            raise ValueError("strategy.replay and strategy.consolidate_steps must be at least 0")
+        if min(replay, consolidate_steps, merge_consolidate_steps) < 0 or num_irrelevant < 1:
+            raise ValueError(
+                "strategy.replay, consolidate_steps and merge_consolidate_steps must be at least 0, num_irrelevant 1"
+            )
         if num_context > len(CONTEXT_SEEDS):
             raise ValueError(f"strategy.num_context is at most {len(CONTEXT_SEEDS)}")
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
@@ -112,8 +125,10 @@ class WISE(EditStrategy):
         self.lr, self.n_iter, self.early_stop_loss = lr, n_iter, early_stop_loss
         self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
-        self.irrelevant_source, self.cached_forward = irrelevant_source, cached_forward
+        self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
+        self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
+        self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
         self.contexts: list[str] = []
 
     # set-up -------------------------------------------------------------------------------------
@@ -130,7 +145,7 @@ class WISE(EditStrategy):
         self.min_score = math.inf
         self.closed_min_score = math.inf  # smallest score among the edits of the memory's closed shards
         self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
-        self.memory_prompts: list[str] = []  # prompts of the edits the current memory holds
+        self.memory_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the memory's edits
         self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
         self.shard_index = 0
         self.mask = self._shard_mask(0)
@@ -182,26 +197,40 @@ class WISE(EditStrategy):
                 context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
         self.min_score = min(self.min_score, scores[:: 1 + len(self.contexts)].min().item())
-        self.memory_prompts += [r.prompt for r in batch.requests]
-        self.shard_edits += [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
+        edits = [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
+        self.memory_edits += edits
+        self.shard_edits += edits
         if self.consolidate_steps and self.shard_full():
-            stats["consolidation_steps"] = self.consolidate()
+            stats["consolidation_steps"], scores = self.consolidate(self.shard_edits, self.consolidate_steps)
+            self.min_score = min(self.closed_min_score, scores.min().item())
         self._publish()
         return stats
 
-    def consolidate(self) -> int:
-        """Train the open shard on all its edits together and re-record their scores; steps taken."""
-        indices, prompts, targets = (list(column) for column in zip(*self.shard_edits, strict=True))
-        stats, scores = self._train(prompts, targets, [0] * len(prompts), indices, self.consolidate_steps)
-        self.min_score = min(self.closed_min_score, scores.min().item())
-        return stats["steps"]
+    def consolidate(
+        self, edits: list[tuple[int, str, str]], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[int, Tensor]:
+        """Train `tau` (default the open shard's, in its mask) on `edits` together, plain prompts only;
+        the steps taken and the edits' scores afterwards."""
+        indices, prompts, targets = (list(column) for column in zip(*edits, strict=True))
+        stats, scores = self._train(prompts, targets, [0] * len(prompts), indices, n_iter, tau, mask)
+        return stats["steps"], scores
 
     def _train(
-        self, prompts: list[str], targets: list[str], context_lengths: list[int], indices: list[int], n_iter: int
+        self,
+        prompts: list[str],
+        targets: list[str],
+        context_lengths: list[int],
+        indices: list[int],
+        n_iter: int,
+        tau: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[dict[str, float], Tensor]:
-        """Train tau on the edit rows (prompt -> target) against the irrelevant samples of `indices` and
-        the replayed prompts; the loop's statistics and the edit rows' scores afterwards."""
-        irrelevant = [self.irrelevant[i % len(self.irrelevant)] for i in indices]
+        """Train `tau` (default the open shard's, in its mask) on the edit rows (prompt -> target) against
+        the irrelevant samples of `indices` and the replayed prompts; the loop's statistics and the edit
+        rows' scores afterwards."""
+        tau, mask = (self.tau, self.mask) if tau is None else (tau, mask)
+        n = self.num_irrelevant
+        irrelevant = [self.irrelevant[(i * n + j) % len(self.irrelevant)] for i in indices for j in range(n)]
         irrelevant += self.replay_prompts[-self.replay :] if self.replay else []
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
@@ -210,11 +239,7 @@ class WISE(EditStrategy):
         if not self.score_context:
             for row, length in enumerate(context_lengths):
                 score_mask[row, :length] = 0
-        forward = (
-            CachedForward(self.model, self.adapter, rows, self.layer, score_mask, self.activation_memo)
-            if self.cached_forward
-            else FullForward(self.model, self.adapter, rows, score_mask)
-        )
+        forward = self._forward(rows, score_mask, self.activation_memo)
         n_edit = len(prompts)
 
         def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
@@ -223,10 +248,25 @@ class WISE(EditStrategy):
             loss = edit_loss + self.act_loss_weight * act_loss
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 
-        stats = optimise_delta(
-            forward, self.tau, loss_fn, self.lr, n_iter, self.early_stop_loss, self.mask, self.early_stop_on
-        )
-        return stats, forward.scores(self.tau)[:n_edit]
+        stats = optimise_delta(forward, tau, loss_fn, self.lr, n_iter, self.early_stop_loss, mask, self.early_stop_on)
+        return stats, forward.scores(tau)[:n_edit]
+
+    def _forward(
+        self, rows: TeacherForcedBatch, score_mask: Tensor | None = None, memo: dict | None = None
+    ) -> FullForward:
+        if self.cached_forward:
+            return CachedForward(self.model, self.adapter, rows, self.layer, score_mask, memo)
+        return FullForward(self.model, self.adapter, rows, score_mask)
+
+    @torch.no_grad()
+    def edit_scores(self, tau: Tensor, edits: list[tuple[int, str, str]], batch_size: int = 32) -> Tensor:
+        """The activation score of each edit (index, prompt, target) under `tau`."""
+        scores = []
+        for start in range(0, len(edits), batch_size):
+            _, prompts, targets = zip(*edits[start : start + batch_size], strict=True)
+            rows = teacher_forced_batch(self.tokenizer, list(prompts), list(targets)).to(self.model.device)
+            scores.append(self._forward(rows).scores(tau))
+        return torch.cat(scores)
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""
@@ -258,6 +298,13 @@ class WISE(EditStrategy):
         """Merge the finished shards (and the earlier merged memory) into one side memory."""
         self.merged = self._consolidated(include_current=False)
         self.shards = []
+        if self.merge_consolidate_steps and self.memory_edits:
+            merged = self.merged.clone().requires_grad_(True)
+            mask = (self.merged != 0).to(self.mask.dtype)
+            self.consolidate(self.memory_edits, self.merge_consolidate_steps, merged, mask)
+            self.merged = merged.detach()
+        if (self.rescore_on_merge or self.merge_consolidate_steps) and self.memory_edits:
+            self.min_score = self.closed_min_score = self.edit_scores(self.merged, self.memory_edits).min().item()
         self._publish()
 
     def spawn(self) -> None:
@@ -266,8 +313,8 @@ class WISE(EditStrategy):
             return
         self.frozen.append((self.merged, self.min_score))
         self.merged, self.min_score, self.closed_min_score = None, math.inf, math.inf
-        self.replay_prompts += self.memory_prompts
-        self.memory_prompts = []
+        self.replay_prompts += [prompt for _, prompt, _ in self.memory_edits]
+        self.memory_edits = []
         self._publish()
 
     def _consolidated(self, include_current: bool = True) -> Tensor | None:
@@ -310,7 +357,7 @@ class WISE(EditStrategy):
             "shard_edits": list(self.shard_edits),
             "shard_index": self.shard_index,
             "contexts": list(self.contexts),
-            "memory_prompts": list(self.memory_prompts),
+            "memory_edits": list(self.memory_edits),
             "replay_prompts": list(self.replay_prompts),
         }
 
@@ -322,7 +369,8 @@ class WISE(EditStrategy):
         self.min_score, self.contexts = state["min_score"], list(state["contexts"])
         self.closed_min_score = state["closed_min_score"]
         self.shard_edits = [tuple(edit) for edit in state["shard_edits"]]
-        self.memory_prompts, self.replay_prompts = list(state["memory_prompts"]), list(state["replay_prompts"])
+        self.memory_edits = [tuple(edit) for edit in state["memory_edits"]]
+        self.replay_prompts = list(state["replay_prompts"])
         self.shard_index = state["shard_index"]
         self.mask = self._shard_mask(self.shard_index)
         self._publish()

@@ -264,7 +264,7 @@ def test_one_by_one_editing_runs_one_loop_per_request(tiny, zsre10, edit_prompts
     after = predict_answers(model, tokenizer, [requests[1].prompt], [requests[1].target]).nll.mean()
     assert [rows[0] for rows in edit_prompts] == [r.prompt for r in requests]
     assert all(len(rows) == 1 + strategy.num_context + 1 for rows in edit_prompts)
-    assert strategy.memory_prompts == [r.prompt for r in requests] and after < before - 0.5
+    assert strategy.memory_edits == [(i, r.prompt, r.target) for i, r in enumerate(requests)] and after < before - 0.5
 
 
 def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit_prompts):
@@ -298,3 +298,46 @@ def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_thr
     assert torch.all(strategy.tau.detach()[strategy.mask == 0] == 0)
     strategy.close_shard()
     assert strategy.shard_edits == [] and strategy.closed_min_score == strategy.min_score
+
+
+def test_rescore_on_merge_takes_the_threshold_from_the_merged_memory(tiny, zsre10):
+    model, tokenizer = tiny
+    requests = zsre10[:4]
+    strategy = small_wise(rescore_on_merge=True, edits_per_shard=2, shards_per_merge=2, n_iter=4)
+    strategy.prepare(model, tokenizer)
+    for i, request in enumerate(requests):
+        strategy.edit(EditBatch([i], [request]))
+        for callback in strategy.callbacks():
+            callback.after_edit(strategy)
+    assert strategy.merged is not None and strategy.shards == []
+    rows = teacher_forced_batch(tokenizer, [r.prompt for r in requests], [r.target for r in requests])
+    scores = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.merged)
+    assert strategy.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+    assert strategy.adapter.thresholds == [pytest.approx(strategy.act_ratio * scores.min().item(), rel=1e-5)]
+    # the next shard's consolidation keeps the merged memory's edits in the running minimum
+    assert strategy.closed_min_score == strategy.min_score
+
+
+def test_each_edit_brings_num_irrelevant_samples_of_its_own(tiny, zsre10, edit_prompts):
+    strategy = small_wise(num_irrelevant=3, n_iter=1)
+    strategy.prepare(*tiny)
+    strategy.edit(EditBatch([2], [zsre10[2]]))
+    assert edit_prompts[-1][1 + strategy.num_context :] == strategy.irrelevant[6:9]
+
+
+def test_merge_consolidation_trains_the_merged_memory_only_where_the_merge_set_entries(tiny, zsre10):
+    model, tokenizer = tiny
+    requests = zsre10[:4]
+    strategy = small_wise(merge_consolidate_steps=3, edits_per_shard=2, shards_per_merge=2, n_iter=4)
+    strategy.prepare(model, tokenizer)
+    for i, request in enumerate(requests):
+        strategy.edit(EditBatch([i], [request]))
+        if strategy.shard_full():
+            strategy.close_shard()
+    plain = merge_task_vectors(strategy.shards, strategy.merge_method, strategy.merge_density)
+    strategy.merge()
+    assert not torch.equal(strategy.merged, plain)
+    assert torch.all(strategy.merged[plain == 0] == 0)
+    assert torch.all(strategy.tau.detach() == 0)  # the next shard starts empty
+    scores = strategy.edit_scores(strategy.merged, strategy.memory_edits)
+    assert strategy.min_score == pytest.approx(scores.min().item(), rel=1e-5)
