@@ -32,6 +32,7 @@ def test_cli_fit_edits_then_scores(tmp_path, capsys):
     metrics, _ = run_cli("fit", ["--data.num_edits=3"], tmp_path, capsys)
     assert metrics["edits_done"] == 3 and metrics["merge_method"] == "ties"
     assert metrics["num_side_memories"] == 1 and metrics["edit_seconds_median"] > 0
+    assert metrics["edit_seconds_total"] >= metrics["edit_seconds_median"] and metrics["memory_seconds_total"] > 0
 
 
 def test_config_typo_is_reported(capsys):

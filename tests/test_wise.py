@@ -134,9 +134,10 @@ def test_detach_restores_outputs_bit_for_bit(tiny, zsre10):
 def test_cached_forward_equals_full_forward(tiny, zsre10):
     model, tokenizer = tiny
     adapter = attach_side_memory(model, TINY_LAYER)
-    rows = teacher_forced_batch(
-        tokenizer, [zsre10[0].prompt, "I " + zsre10[0].prompt, "unrelated"], [zsre10[0].target] * 2 + [""]
-    )
+    # score-only rows of very different lengths run in their own chunks, cut to their own columns
+    long_text = " ".join(["a long unrelated text"] * 12)
+    prompts = [zsre10[0].prompt, "I " + zsre10[0].prompt, "unrelated", long_text]
+    rows = teacher_forced_batch(tokenizer, prompts, [zsre10[0].target] * 2 + ["", ""])
     grads = []
     for forward in (FullForward(model, adapter, rows), CachedForward(model, adapter, rows, TINY_LAYER)):
         tau = (torch.randn(adapter.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.05).requires_grad_()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,15 @@ from wise_cl.metrics import Forgetting, per_request_mean
 
 
 class MemoryCallback(Callback):
-    """Runs `after_edit` on the module's strategy after every training batch (experience)."""
+    """Runs `after_edit` on the module's strategy after every training batch (experience), and adds
+    the time it takes to the module's `memory_seconds`."""
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        start = time.perf_counter()
         self.after_edit(pl_module.strategy)
+        pl_module.memory_seconds += time.perf_counter() - start
 
     def after_edit(self, strategy: Any) -> None:
         raise NotImplementedError

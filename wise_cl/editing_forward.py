@@ -139,10 +139,10 @@ class CachedForward(FullForward):
         keys = [tuple(batch.input_ids[r, real[r]].tolist()) for r in tail_rows]
         memo = {} if memo is None else memo
         missing = [r for r, key in zip(tail_rows, keys, strict=True) if key not in memo]
-        # (with nothing to compute, row 0 runs anyway so the cached tensors get their shapes)
-        activation, self.layer_output = self._lower_pass(batch, [*range(n), *missing] or [0])
+        # (with no row going up, row 0 runs anyway so the cached tensors get their shapes)
+        activation, self.layer_output = self._lower_pass(batch, list(range(n)) or [0])
         self.activation = activation[:n]
-        memo.update({keys[r - n]: activation[n + i][real[r]] for i, r in enumerate(missing)})
+        memo.update({keys[r - n]: a for r, a in zip(missing, self._tail_activations(batch, missing), strict=True)})
         self.tail = [memo[key] for key in keys]  # score-only rows: activations of their real tokens
         memo.clear()
         memo.update(zip(keys, self.tail, strict=True))
@@ -153,9 +153,25 @@ class CachedForward(FullForward):
         self.tail_rows = torch.repeat_interleave(torch.arange(len(keys)), counts).to(batch.input_ids.device)
         self.dummy_embeds = torch.zeros_like(self.layer_output[:, :t])
 
+    def _tail_activations(self, batch: TeacherForcedBatch, rows: list[int], chunk: int = 32) -> list[Tensor]:
+        """The edited layer's input activation at the real tokens of each of `rows`. Rows run in chunks of
+        similar length, each cut to its own columns: one long text does not pad all the others."""
+        real = batch.attention_mask.bool()
+        ordered = sorted(rows, key=lambda r: int(real[r].sum()))
+        out: dict[int, Tensor] = {}
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start : start + chunk]
+            columns = real[part].any(0).nonzero().squeeze(1)
+            activation, _ = self._lower_pass(batch, part, columns)
+            out.update({r: activation[i][real[r, columns]] for i, r in enumerate(part)})
+        return [out[r] for r in rows]
+
     @torch.no_grad()
-    def _lower_pass(self, batch: TeacherForcedBatch, rows: list[int]) -> tuple[Tensor, Tensor]:
-        """The edited layer's input activation and main-memory output for `rows` of the batch."""
+    def _lower_pass(
+        self, batch: TeacherForcedBatch, rows: list[int], columns: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The edited layer's input activation and main-memory output for `rows` of the batch (and
+        only `columns` of them: real tokens lie next to each other, so this cuts padding only)."""
         captured: dict[str, Tensor] = {}
         hooks = [
             self.adapter.register_forward_pre_hook(lambda _, args: captured.__setitem__("a", args[0])),
@@ -164,13 +180,14 @@ class CachedForward(FullForward):
             ),
         ]
         index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+        cut = (lambda x: x[index][:, columns]) if columns is not None else (lambda x: x[index])
         self.adapter.train_tau = torch.zeros_like(self.adapter.weight)
         try:
             with _layers_swapped(self.decoder, self.decoder.layers[: self.index + 1]):
                 self.decoder(
-                    input_ids=batch.input_ids[index],
-                    attention_mask=batch.attention_mask[index],
-                    position_ids=batch.position_ids[index],
+                    input_ids=cut(batch.input_ids),
+                    attention_mask=cut(batch.attention_mask),
+                    position_ids=cut(batch.position_ids),
                 )
         finally:
             self.adapter.train_tau = None

@@ -38,6 +38,7 @@ class EditingModule(L.LightningModule):
         self.metrics = EditMetrics(exact_match=exact_match)
         self.edits_done = 0
         self.edit_seconds: list[float] = []
+        self.memory_seconds = 0.0  # spent by the memory callbacks (closing shards, merging, spawning)
         self.reference: list[Tensor] | None = None
         self.test_results: dict[str, float] = {}
 
@@ -93,6 +94,8 @@ class EditingModule(L.LightningModule):
             "edits_done": self.edits_done,
             "strategy": self.strategy.name,
             "edit_seconds_median": edit_seconds,
+            "edit_seconds_total": sum(self.edit_seconds),
+            "memory_seconds_total": self.memory_seconds,
             **self.strategy.describe(),
         }
 
@@ -102,6 +105,7 @@ class EditingModule(L.LightningModule):
             "strategy": self.strategy.state_dict(),
             "edits_done": self.edits_done,
             "edit_seconds": self.edit_seconds,
+            "memory_seconds": self.memory_seconds,
             "locality_reference": self.reference,
         }
 
@@ -109,4 +113,5 @@ class EditingModule(L.LightningModule):
         state = checkpoint["wise_cl"]
         self.strategy.load_state_dict(state["strategy"])
         self.edits_done, self.edit_seconds = state["edits_done"], list(state["edit_seconds"])
+        self.memory_seconds = state.get("memory_seconds", 0.0)
         self.reference = state["locality_reference"]
