@@ -301,9 +301,10 @@ class WISE(EditStrategy):
         if self.merge_consolidate_steps and self.memory_edits:
             merged = self.merged.clone().requires_grad_(True)
             mask = (self.merged != 0).to(self.mask.dtype)
-            self.consolidate(self.memory_edits, self.merge_consolidate_steps, merged, mask)
+            _, scores = self.consolidate(self.memory_edits, self.merge_consolidate_steps, merged, mask)
             self.merged = merged.detach()
-        if (self.rescore_on_merge or self.merge_consolidate_steps) and self.memory_edits:
+            self.min_score = self.closed_min_score = scores.min().item()
+        elif self.rescore_on_merge and self.memory_edits:
             self.min_score = self.closed_min_score = self.edit_scores(self.merged, self.memory_edits).min().item()
         self._publish()
 
