@@ -95,6 +95,11 @@ def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: 
     return float(correct.mean())
 
 
+def over(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """Per memory, the share of prompts scoring above its threshold: [memories, prompts] -> [memories]."""
+    return (scores > thresholds[:, None]).float().mean(1)
+
+
 def routing_report(folder: Path, act_ratios: list[float]) -> dict[str, Any]:
     strategy, requests, reference = load_run(folder)
     targets = [r.target for r in requests]
@@ -121,10 +126,12 @@ def routing_report(folder: Path, act_ratios: list[float]) -> dict[str, Any]:
             best, index = scores[name].max(0)
             routed = best > thresholds[index]
             row[f"{name}_routed"] = float(routed.float().mean())
+            # per memory, the share of the set over its threshold (whether or not another memory scores higher)
+            row[f"{name}_over_threshold_per_memory"] = [round(float(x), 3) for x in over(scores[name], thresholds)]
             if holder is not None and name != "locality":
                 row[f"{name}_routed_to_holder"] = float((routed & (index == holder)).float().mean())
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "thresholds"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "thresholds" and "per_memory" not in k}), flush=True)
     return report | {"act_ratio": rows}
 
 

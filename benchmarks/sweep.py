@@ -5,7 +5,8 @@ python -m wise_cl.benchmarks.sweep --config configs/zsre_wise.yaml --num-edits 3
     --out benchmarks/results/sweep_wise
 
 Each variant sets `model.strategy.init_args.<key>=<value>` on top of the config and is one
-`wise-cl fit` run (see `compare.py`: finished runs are skipped, interrupted ones resume).
+`wise-cl fit` run per chunk (see `compare.py`: finished runs are skipped, interrupted ones resume).
+`--chunks 0 1` scores every variant on requests 0..T-1 and on the held-out T..2T-1.
 """
 
 from __future__ import annotations
@@ -37,19 +38,21 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--num-edits", type=int, default=30)
     parser.add_argument("--variant", action="append", required=True, help='e.g. "layer=... alpha=2"')
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0], help="chunk c = requests c*T..c*T+T-1")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in args.variant:
         label = variant.replace("model.layers.", "L").replace(".mlp.down_proj", "").replace(" ", "_")
-        result = run_chunk(args.config, label, args.num_edits, 0, args.out, variant_args(variant))
-        rows.append({"variant": variant, **{k: result.get(k) for k in SCORES}})
-        print(json.dumps(rows[-1]), flush=True)
+        for chunk in args.chunks:
+            result = run_chunk(args.config, label, args.num_edits, chunk, args.out, variant_args(variant))
+            rows.append({"variant": variant, "chunk": chunk, **{k: result.get(k) for k in SCORES}})
+            print(json.dumps(rows[-1]), flush=True)
     command = "python -m wise_cl.benchmarks.sweep " + shlex.join(sys.argv[1:])
     (args.out / "sweep.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    lines = ["| variant | Rel. | Gen. | Loc. | EM | s/edit |", "|---|---|---|---|---|---|"]
-    lines += [f"| `{row['variant']}` | " + " | ".join(score_cells(row)) + " |" for row in rows]
+    lines = ["| variant | chunk | Rel. | Gen. | Loc. | EM | s/edit |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| `{row['variant']}` | {row['chunk']} | " + " | ".join(score_cells(row)) + " |" for row in rows]
     (args.out / "sweep.md").write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -53,6 +53,10 @@ class WISE(EditStrategy):
         irrelevant_source: bundled data set name or JSON list of the irrelevant texts.
         num_irrelevant: irrelevant texts per edit (edit i uses texts i*n to i*n+n-1, wrapping around the list);
             they need only their activation score, so more of them cost little per step.
+        calibration_texts: the last this many irrelevant texts are held back from training; each memory's
+            threshold is at least `calibration_quantile` of its scores on them, so a memory that scores every
+            prompt high does not take unrelated ones (0: off, as in the paper).
+        calibration_quantile: the share of the held-back texts a memory's threshold is kept above.
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
@@ -96,6 +100,8 @@ class WISE(EditStrategy):
         score_context: bool = False,
         irrelevant_source: str = "zsre",
         num_irrelevant: int = 1,
+        calibration_texts: int = 0,
+        calibration_quantile: float = 0.9,
         retrieve: bool = False,
         replay: int = 0,
         consolidate_steps: int = 0,
@@ -107,13 +113,14 @@ class WISE(EditStrategy):
     ) -> None:
         if merge_method not in MERGE_METHODS:
             raise ValueError(f"strategy.merge_method: unknown '{merge_method}'; expected one of {MERGE_METHODS}")
-        if not 0 < mask_ratio <= 1 or not 0 < merge_density <= 1:
-            raise ValueError("strategy.mask_ratio and strategy.merge_density must lie in (0, 1]")
+        if not 0 < mask_ratio <= 1 or not 0 < merge_density <= 1 or not 0 < calibration_quantile <= 1:
+            raise ValueError("strategy.mask_ratio, merge_density and calibration_quantile must lie in (0, 1]")
         if early_stop_on not in ("loss", "edit_loss"):
             raise ValueError(f"strategy.early_stop_on: unknown '{early_stop_on}'; expected 'loss' or 'edit_loss'")
-        if min(replay, consolidate_steps, merge_consolidate_steps) < 0 or num_irrelevant < 1:
+        if min(replay, consolidate_steps, merge_consolidate_steps, calibration_texts) < 0 or num_irrelevant < 1:
             raise ValueError(
-                "strategy.replay, consolidate_steps and merge_consolidate_steps must be at least 0, num_irrelevant 1"
+                "strategy.replay, consolidate_steps, merge_consolidate_steps and calibration_texts must be at least 0,"
+                " num_irrelevant 1"
             )
         if num_context > len(CONTEXT_SEEDS):
             raise ValueError(f"strategy.num_context is at most {len(CONTEXT_SEEDS)}")
@@ -126,6 +133,7 @@ class WISE(EditStrategy):
         self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
+        self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
@@ -135,13 +143,21 @@ class WISE(EditStrategy):
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)
-        self.irrelevant = read_irrelevant_prompts(self.irrelevant_source)
+        texts = read_irrelevant_prompts(self.irrelevant_source)
+        if self.calibration_texts >= len(texts):
+            raise ValueError(
+                f"strategy.calibration_texts: {self.calibration_texts} held back, but irrelevant_source"
+                f" '{self.irrelevant_source}' holds {len(texts)} texts and training needs some"
+            )
+        self.irrelevant = texts[: len(texts) - self.calibration_texts]
+        self.calibration = texts[len(texts) - self.calibration_texts :]
+        self.calibration_forward: FullForward | None = None  # built on first use, kept: the main memory never changes
         self.adapter: SideMemoryLinear = attach_side_memory(model, self.layer)
         weight = self.adapter.weight
         self.tau = torch.zeros_like(weight, requires_grad=True)
         self.shards: list[Tensor] = []  # finished shards of the current memory, not merged yet
         self.merged: Tensor | None = None  # merge of the current memory's earlier groups
-        self.frozen: list[tuple[Tensor, float]] = []  # WISE-Retrieve: finished memories, with min score
+        self.frozen: list[tuple[Tensor, float, float]] = []  # WISE-Retrieve: finished memories, min score, floor
         self.min_score = math.inf
         self.closed_min_score = math.inf  # smallest score among the edits of the memory's closed shards
         self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
@@ -312,7 +328,7 @@ class WISE(EditStrategy):
         """WISE-Retrieve: freeze the merged memory with its threshold and start an empty one."""
         if self.merged is None:
             return
-        self.frozen.append((self.merged, self.min_score))
+        self.frozen.append((self.merged, self.min_score, self.threshold_floor(self.merged)))
         self.merged, self.min_score, self.closed_min_score = None, math.inf, math.inf
         self.replay_prompts += [prompt for _, prompt, _ in self.memory_edits]
         self.memory_edits = []
@@ -328,14 +344,23 @@ class WISE(EditStrategy):
             taus, self.merge_method, self.merge_density, weights, seed=self.seed + self.shard_index
         )
 
+    def threshold_floor(self, tau: Tensor) -> float:
+        """`calibration_quantile` of the memory's scores on the held-back irrelevant texts (-inf if none)."""
+        if not self.calibration:
+            return -math.inf
+        if self.calibration_forward is None:
+            rows = teacher_forced_batch(self.tokenizer, self.calibration, [""] * len(self.calibration))
+            self.calibration_forward = self._forward(rows.to(self.model.device))
+        return torch.quantile(self.calibration_forward.scores(tau).float(), self.calibration_quantile).item()
+
     def _publish(self) -> None:
         """Hand the serving side memories and their thresholds to the adapter."""
         memories = list(self.frozen)
         active = self._consolidated()
         if active is not None:
-            memories.append((active, self.min_score))
-        self.adapter.taus = [tau for tau, _ in memories]
-        self.adapter.thresholds = [self.act_ratio * score for _, score in memories]
+            memories.append((active, self.min_score, self.threshold_floor(active)))
+        self.adapter.taus = [tau for tau, _, _ in memories]
+        self.adapter.thresholds = [max(self.act_ratio * score, floor) for _, score, floor in memories]
 
     def callbacks(self) -> list[Any]:
         memory = [KnowledgeSharding(), KnowledgeMerging()]
@@ -351,8 +376,8 @@ class WISE(EditStrategy):
             "tau": self.tau.detach().clone(),
             "shards": list(self.shards),
             "merged": self.merged,
-            "frozen": [tau for tau, _ in self.frozen],
-            "frozen_min_scores": [score for _, score in self.frozen],
+            "frozen": [tau for tau, _, _ in self.frozen],
+            "frozen_min_scores": [score for _, score, _ in self.frozen],
             "min_score": self.min_score,
             "closed_min_score": self.closed_min_score,
             "shard_edits": list(self.shard_edits),
@@ -366,7 +391,10 @@ class WISE(EditStrategy):
         with torch.no_grad():
             self.tau.copy_(state["tau"])
         self.shards, self.merged = list(state["shards"]), state["merged"]
-        self.frozen = list(zip(state["frozen"], state["frozen_min_scores"], strict=True))
+        self.frozen = [
+            (tau, score, self.threshold_floor(tau))
+            for tau, score in zip(state["frozen"], state["frozen_min_scores"], strict=True)
+        ]
         self.min_score, self.contexts = state["min_score"], list(state["contexts"])
         self.closed_min_score = state["closed_min_score"]
         self.shard_edits = [tuple(edit) for edit in state["shard_edits"]]

@@ -49,7 +49,10 @@ def test_edit_speed_times_the_plain_loop_on_the_same_edits_without_changing_the_
 
 
 def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path):
-    one_edit_memories = ["--model.strategy.edits_per_shard=1", "--model.strategy.shards_per_merge=1"]
+    # without the calibrated floor, act_ratio alone sets the thresholds
+    one_edit_memories = [
+        f"--model.strategy.{key}" for key in ("edits_per_shard=1", "shards_per_merge=1", "calibration_texts=0")
+    ]
     run_chunk(Path("configs/zsre_wise_retrieve.yaml"), "wise_retrieve", 3, 0, tmp_path, TINY_WISE + one_edit_memories)
     report = routing_report(tmp_path / "tensorboard" / "wise_retrieve" / "T3-chunk0", [0.0, 1e9])
     assert report["memories"] == 3
@@ -59,3 +62,5 @@ def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path)
     assert open_gate["reliability_routed"] == open_gate["locality_routed"] == 1.0
     assert closed["reliability_routed"] == closed["locality_routed"] == closed["reliability_routed_to_holder"] == 0.0
     assert closed["locality"] == 1.0 and len(closed["thresholds"]) == 3
+    assert open_gate["locality_over_threshold_per_memory"] == [1.0] * 3
+    assert closed["reliability_over_threshold_per_memory"] == [0.0] * 3

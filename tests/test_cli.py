@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_WISE
+from lightning.pytorch.callbacks import TQDMProgressBar
 
-from wise_cl.cli import main
+from wise_cl.cli import main, run
 from wise_cl.data import EditStreamDataModule
 from wise_cl.models import ModelLoadError, find_module, load_model
 
@@ -33,6 +34,13 @@ def test_cli_fit_edits_then_scores(tmp_path, capsys):
     assert metrics["edits_done"] == 3 and metrics["merge_method"] == "ties"
     assert metrics["num_side_memories"] == 1 and metrics["edit_seconds_median"] > 0
     assert metrics["edit_seconds_total"] >= metrics["edit_seconds_median"] and metrics["memory_seconds_total"] > 0
+
+
+def test_progress_is_written_as_lines_without_a_terminal(tmp_path):
+    # under pytest stdout is captured, as under nohup: Rich's bar would draw nothing there
+    args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
+    cli = run(["test", *args, "--data.num_edits=1"])
+    assert isinstance(cli.trainer.progress_bar_callback, TQDMProgressBar)
 
 
 def test_config_typo_is_reported(capsys):

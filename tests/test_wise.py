@@ -342,3 +342,26 @@ def test_merge_consolidation_trains_the_merged_memory_only_where_the_merge_set_e
     assert torch.all(strategy.tau.detach() == 0)  # the next shard starts empty
     scores = strategy.edit_scores(strategy.merged, strategy.memory_edits)
     assert strategy.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+
+
+def test_calibration_texts_are_held_back_and_floor_every_memory_threshold(tiny, zsre10, edit_prompts):
+    model, tokenizer = tiny
+    strategy = small_wise(retrieve=True, edits_per_shard=1, shards_per_merge=1, n_iter=3)
+    strategy.calibration_texts, strategy.calibration_quantile = 6, 1.0
+    strategy.prepare(model, tokenizer)
+    held_back = strategy.calibration
+    assert len(held_back) == 6 and not set(held_back) & set(strategy.irrelevant)
+    for i, request in enumerate(zsre10[:2]):
+        strategy.edit(EditBatch([i], [request]))
+        for callback in strategy.callbacks():
+            callback.after_edit(strategy)
+    # the held-back texts form one batch of their own, scored once, and join no training batch
+    assert [rows for rows in edit_prompts if set(rows) & set(held_back)] == [held_back]
+    rows = teacher_forced_batch(tokenizer, held_back, [""] * len(held_back))
+    assert len(strategy.adapter.taus) == 2
+    for tau, threshold in zip(strategy.adapter.taus, strategy.adapter.thresholds, strict=True):
+        # quantile 1: no held-back text passes any memory's threshold
+        assert threshold >= CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(tau).max().item() - 1e-4
+    assert max(strategy.adapter.thresholds) > min(strategy.act_ratio * s for _, s, _ in strategy.frozen)
+    with pytest.raises(ValueError, match="calibration_texts"):
+        WISE(layer=TINY_LAYER, calibration_texts=10_000).prepare(model, tokenizer)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from wise_cl.data import EditStreamDataModule
@@ -25,6 +28,14 @@ TABLE_KEYS = ("reliability", "generalization", "ood_generalization", "locality",
 
 class WiseCLI(LightningCLI):
     """LightningCLI whose runs end by writing `metrics.json` into the log folder."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Without a terminal (nohup, a pipe) progress goes to the log as tqdm lines: Rich draws nothing there."""
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, RichProgressBar) and not sys.stdout.isatty():
+            trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
+        return trainer
 
     def after_fit(self) -> None:
         self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
