@@ -126,7 +126,7 @@ def routing_report(folder: Path, act_ratios: list[float]) -> dict[str, Any]:
             best, index = scores[name].max(0)
             routed = best > thresholds[index]
             row[f"{name}_routed"] = float(routed.float().mean())
-            # per memory, the share of the set over its threshold (whether or not another memory scores higher)
+            # whether or not another memory scores higher
             row[f"{name}_over_threshold_per_memory"] = [round(float(x), 3) for x in over(scores[name], thresholds)]
             if holder is not None and name != "locality":
                 row[f"{name}_routed_to_holder"] = float((routed & (index == holder)).float().mean())

@@ -346,8 +346,9 @@ def test_merge_consolidation_trains_the_merged_memory_only_where_the_merge_set_e
 
 def test_calibration_texts_are_held_back_and_floor_every_memory_threshold(tiny, zsre10, edit_prompts):
     model, tokenizer = tiny
-    strategy = small_wise(retrieve=True, edits_per_shard=1, shards_per_merge=1, n_iter=3)
-    strategy.calibration_texts, strategy.calibration_quantile = 6, 1.0
+    strategy = small_wise(
+        retrieve=True, edits_per_shard=1, shards_per_merge=1, n_iter=3, calibration_texts=6, calibration_quantile=1.0
+    )
     strategy.prepare(model, tokenizer)
     held_back = strategy.calibration
     assert len(held_back) == 6 and not set(held_back) & set(strategy.irrelevant)
