@@ -32,21 +32,21 @@ def strategy_name(config: Path) -> str:
     return config.stem.split("_", 1)[-1]
 
 
-def run_chunk(config: Path, name: str, num_edits: int, chunk: int, out: Path, extra: list[str]) -> dict[str, Any]:
-    """One `wise-cl fit` run over requests `chunk * T .. chunk * T + T - 1`; its metrics.json as a dict."""
-    folder = out / "tensorboard" / name / f"T{num_edits}-chunk{chunk}"
+def run_fit(config: Path, folder: Path, args: list[str]) -> dict[str, Any]:
+    """One `wise-cl fit` run of `config` with `args`, logged to `folder`; its metrics.json as a dict.
+
+    A finished run (metrics.json present) is not run again; an interrupted one resumes from its checkpoint.
+    """
     metrics = folder / "metrics.json"
     if metrics.exists():
         return json.loads(metrics.read_text())
     args = [
         "fit",
         f"--config={config}",
-        f"--data.num_edits={num_edits}",
-        f"--data.start={chunk * num_edits}",
-        f"--trainer.logger.init_args.save_dir={out / 'tensorboard'}",
-        f"--trainer.logger.init_args.name={name}",
-        f"--trainer.logger.init_args.version=T{num_edits}-chunk{chunk}",
-        *extra,
+        *args,
+        f"--trainer.logger.init_args.save_dir={folder.parent.parent}",
+        f"--trainer.logger.init_args.name={folder.parent.name}",
+        f"--trainer.logger.init_args.version={folder.name}",
     ]
     checkpoint = folder / "checkpoints" / "last.ckpt"
     if checkpoint.exists():
@@ -54,6 +54,12 @@ def run_chunk(config: Path, name: str, num_edits: int, chunk: int, out: Path, ex
     # a fresh process per run: many runs in one process slow each other down (seen: 4x per step)
     subprocess.run([sys.executable, "-m", "wise_cl.cli", *args], check=True)
     return json.loads(metrics.read_text())
+
+
+def run_chunk(config: Path, name: str, num_edits: int, chunk: int, out: Path, extra: list[str]) -> dict[str, Any]:
+    """One `wise-cl fit` run over requests `chunk * T .. chunk * T + T - 1`; its metrics.json as a dict."""
+    folder = out / "tensorboard" / name / f"T{num_edits}-chunk{chunk}"
+    return run_fit(config, folder, [f"--data.num_edits={num_edits}", f"--data.start={chunk * num_edits}", *extra])
 
 
 def summarise(name: str, num_edits: int, runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from wise_cl.evaluation import predict_answers, teacher_forced_batch
 from wise_cl.metrics import per_request_mean
 from wise_cl.models import load_model
 from wise_cl.records import read_requests
+from wise_cl.side_memory import MAIN, route
 from wise_cl.strategies.wise import WISE
 
 
@@ -100,7 +101,28 @@ def over(scores: Tensor, thresholds: Tensor) -> Tensor:
     return (scores > thresholds[:, None]).float().mean(1)
 
 
-def routing_report(folder: Path, act_ratios: list[float]) -> dict[str, Any]:
+def per_request(scores: Tensor, thresholds: Tensor, routes: Tensor, holder: Tensor | None) -> list[dict[str, Any]]:
+    """Per request: the memory it is routed to (-1: main), and the holder's and best other memory's
+    score and threshold."""
+    rows = []
+    for i in range(scores.shape[1]):
+        row: dict[str, Any] = {"routed": int(routes[i])}
+        column = scores[:, i].clone()
+        if holder is not None:
+            h = int(holder[i])
+            row |= {"holder": h, "holder_score": round(float(column[h]), 2)}
+            row["holder_threshold"] = round(float(thresholds[h]), 2)
+            column[h] = -float("inf")
+        if len(column) and column.max() > -float("inf"):
+            other = int(column.argmax())
+            row |= {"other": other, "other_score": round(float(column[other]), 2)}
+            row["other_threshold"] = round(float(thresholds[other]), 2)
+        rows.append(row)
+    return rows
+
+
+def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[str, Any]:
+    """The routing report of a finished run under each act_ratio (default: the run's own)."""
     strategy, requests, reference = load_run(folder)
     targets = [r.target for r in requests]
     sets = {
@@ -116,29 +138,31 @@ def routing_report(folder: Path, act_ratios: list[float]) -> dict[str, Any]:
             name: forced_accuracy(strategy, sets[name], holder) for name in ("reliability", "generalization")
         }
     rows = []
-    for ratio in act_ratios:
+    for ratio in act_ratios or [strategy.act_ratio]:
         strategy.act_ratio = ratio
         strategy._publish()
         thresholds = torch.tensor(strategy.adapter.thresholds)
-        row: dict[str, Any] = {"act_ratio": ratio, "thresholds": [round(t, 2) for t in thresholds.tolist()]}
+        row: dict[str, Any] = {"act_ratio": ratio}
+        row["thresholds"] = [round(t, 2) for t in thresholds.tolist()]
         for name, pairs in sets.items():
             row[name] = float(accuracy(strategy, *pairs, reference if name == "locality" else None).mean())
-            best, index = scores[name].max(0)
-            routed = best > thresholds[index]
+            index = route(scores[name], thresholds)
+            routed = index != MAIN
             row[f"{name}_routed"] = float(routed.float().mean())
             # whether or not another memory scores higher
             row[f"{name}_over_threshold_per_memory"] = [round(float(x), 3) for x in over(scores[name], thresholds)]
             if holder is not None and name != "locality":
-                row[f"{name}_routed_to_holder"] = float((routed & (index == holder)).float().mean())
+                row[f"{name}_routed_to_holder"] = float((index == holder).float().mean())
+            row[f"{name}_per_request"] = per_request(scores[name], thresholds, index, holder)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "thresholds" and "per_memory" not in k}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if isinstance(v, str | float)}), flush=True)
     return report | {"act_ratio": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a `wise-cl fit` run folder (config.yaml, checkpoints/last.ckpt)")
-    parser.add_argument("--act-ratio", type=float, nargs="+", default=[0.88])
+    parser.add_argument("--act-ratio", type=float, nargs="+", help="thresholds to try (default: the run's act_ratio)")
     args = parser.parse_args()
     report = routing_report(args.run, args.act_ratio)
     report["command"] = "python -m wise_cl.benchmarks.routing " + shlex.join(sys.argv[1:])

@@ -14,13 +14,26 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, FullForward, edit_nll, optimise_delta
+from wise_cl.editing_forward import (
+    CachedForward,
+    FullForward,
+    ProjectedForward,
+    edit_nll,
+    optimise_delta,
+    project_out,
+)
 from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.merging import MERGE_METHODS, merge_task_vectors
 from wise_cl.records import read_irrelevant_prompts
-from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory, save_side_memories
+from wise_cl.side_memory import (
+    SideMemoryLinear,
+    attach_side_memory,
+    detach_side_memory,
+    save_side_memories,
+)
 from wise_cl.strategies.base import EditStrategy
 
+SHARED_DIRECTION_TEXTS = 500  # irrelevant texts whose activations give the shared input directions
 CONTEXT_SEEDS = ("I", "You", "Because", "Yes", "So", "The", "When", "It", "We", "In")
 
 
@@ -57,6 +70,10 @@ class WISE(EditStrategy):
             threshold is at least `calibration_quantile` of its scores on them, so a memory that scores every
             prompt high does not take unrelated ones (0: off, as in the paper).
         calibration_quantile: the share of the held-back texts a memory's threshold is kept above.
+        shared_directions: the side memory ignores this many principal directions of the edited layer's input
+            over the irrelevant texts (it reads `(I - U U^T) a`, U those directions): every text has a large
+            component there, so a memory trained on them scores unrelated prompts and other memories' edits
+            almost as high as its own (0: off, as in the paper).
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
@@ -102,6 +119,7 @@ class WISE(EditStrategy):
         num_irrelevant: int = 1,
         calibration_texts: int = 0,
         calibration_quantile: float = 0.9,
+        shared_directions: int = 0,
         retrieve: bool = False,
         replay: int = 0,
         consolidate_steps: int = 0,
@@ -117,11 +135,13 @@ class WISE(EditStrategy):
             raise ValueError("strategy.mask_ratio, merge_density and calibration_quantile must lie in (0, 1]")
         if early_stop_on not in ("loss", "edit_loss"):
             raise ValueError(f"strategy.early_stop_on: unknown '{early_stop_on}'; expected 'loss' or 'edit_loss'")
-        if min(replay, consolidate_steps, merge_consolidate_steps, calibration_texts) < 0 or num_irrelevant < 1:
+        if min(replay, consolidate_steps, merge_consolidate_steps, calibration_texts, shared_directions) < 0:
             raise ValueError(
-                "strategy.replay, consolidate_steps, merge_consolidate_steps and calibration_texts must be at least 0,"
-                " num_irrelevant 1"
+                "strategy.replay, consolidate_steps, merge_consolidate_steps, calibration_texts and"
+                " shared_directions must be at least 0"
             )
+        if num_irrelevant < 1:
+            raise ValueError(f"strategy.num_irrelevant must be at least 1, got {num_irrelevant}")
         if num_context > len(CONTEXT_SEEDS):
             raise ValueError(f"strategy.num_context is at most {len(CONTEXT_SEEDS)}")
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
@@ -134,6 +154,7 @@ class WISE(EditStrategy):
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
+        self.shared_directions = shared_directions
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
@@ -151,8 +172,10 @@ class WISE(EditStrategy):
             )
         self.irrelevant = texts[: len(texts) - self.calibration_texts]
         self.calibration = texts[len(texts) - self.calibration_texts :]
-        self.calibration_forward: FullForward | None = None  # built on first use, kept: the main memory never changes
+        # built on first use, kept: the main memory never changes
+        self.calibration_forward: FullForward | ProjectedForward | None = None
         self.adapter: SideMemoryLinear = attach_side_memory(model, self.layer)
+        self.basis = self._principal_directions(self.irrelevant[:SHARED_DIRECTION_TEXTS], self.shared_directions)
         weight = self.adapter.weight
         self.tau = torch.zeros_like(weight, requires_grad=True)
         self.shards: list[Tensor] = []  # finished shards of the current memory, not merged yet
@@ -191,6 +214,17 @@ class WISE(EditStrategy):
                 )
                 texts.append(" ".join(self.tokenizer.decode(out[0], skip_special_tokens=True).split()))
         return texts
+
+    @torch.no_grad()
+    def _principal_directions(self, texts: list[str], count: int) -> Tensor | None:
+        """The `count` leading eigenvectors ([in, count]) of the second moment of the edited layer's input
+        over the real tokens of `texts` (None for 0)."""
+        if not count:
+            return None
+        rows = teacher_forced_batch(self.tokenizer, texts, [""] * len(texts)).to(self.model.device)
+        tokens = torch.cat(CachedForward(self.model, self.adapter, rows, self.layer).tail).double()
+        values, vectors = torch.linalg.eigh(tokens.T @ tokens)
+        return vectors[:, values.argsort(descending=True)[:count]].to(self.adapter.weight.dtype)
 
     def _shard_mask(self, index: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
@@ -269,10 +303,12 @@ class WISE(EditStrategy):
 
     def _forward(
         self, rows: TeacherForcedBatch, score_mask: Tensor | None = None, memo: dict | None = None
-    ) -> FullForward:
+    ) -> FullForward | ProjectedForward:
         if self.cached_forward:
-            return CachedForward(self.model, self.adapter, rows, self.layer, score_mask, memo)
-        return FullForward(self.model, self.adapter, rows, score_mask)
+            forward = CachedForward(self.model, self.adapter, rows, self.layer, score_mask, memo)
+        else:
+            forward = FullForward(self.model, self.adapter, rows, score_mask)
+        return forward if self.basis is None else ProjectedForward(forward, self.basis)
 
     @torch.no_grad()
     def edit_scores(self, tau: Tensor, edits: list[tuple[int, str, str]], batch_size: int = 32) -> Tensor:
@@ -328,7 +364,8 @@ class WISE(EditStrategy):
         """WISE-Retrieve: freeze the merged memory with its threshold and start an empty one."""
         if self.merged is None:
             return
-        self.frozen.append((self.merged, self.min_score, self.threshold_floor(self.merged)))
+        frozen = project_out(self.merged, self.basis)
+        self.frozen.append((frozen, self.min_score, self.threshold_floor(frozen)))
         self.merged, self.min_score, self.closed_min_score = None, math.inf, math.inf
         self.replay_prompts += [prompt for _, prompt, _ in self.memory_edits]
         self.memory_edits = []
@@ -358,6 +395,7 @@ class WISE(EditStrategy):
         memories = list(self.frozen)
         active = self._consolidated()
         if active is not None:
+            active = project_out(active, self.basis)
             memories.append((active, self.min_score, self.threshold_floor(active)))
         self.adapter.taus = [tau for tau, _, _ in memories]
         self.adapter.thresholds = [max(self.act_ratio * score, floor) for _, score, floor in memories]

@@ -6,6 +6,7 @@ from conftest import TINY_LAYER, TINY_WISE
 
 from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
+from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.benchmarks.sweep import key_values, variant_args
 
@@ -64,3 +65,26 @@ def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path)
     assert closed["locality"] == 1.0 and len(closed["thresholds"]) == 3
     assert open_gate["locality_over_threshold_per_memory"] == [1.0] * 3
     assert closed["reliability_over_threshold_per_memory"] == [0.0] * 3
+
+
+def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
+    streams = [Stream("zsre_train", 0, 3), Stream("counterfact", 5, 3), *single_edit_streams(2)]
+    assert [s.name for s in streams[2:]] == ["zsre_1000_T1", "counterfact_1000_T1"]
+    result = robustness(Path("configs/zsre_wise.yaml"), streams, tmp_path, TINY_WISE, curve_at=[3], routing=True)
+    rows = result["streams"]["rows"]
+    assert [r["stream"] for r in rows] == ["zsre_train_0_T3", "counterfact_5_T3"]
+    for key in ("reliability", "locality"):
+        values = [r[key] for r in rows]
+        assert result["streams"]["mean"][key] == pytest.approx(sum(values) / 2)
+        assert result["streams"]["worst"][key] == min(values)
+    assert result["streams"]["worst"]["edit_seconds_median"] == max(r["edit_seconds_median"] for r in rows)
+    # each stream's curve point after 3 edits, and its lowest reliability from edit 20 on (none in 3 edits)
+    assert all(r["reliability@3"] is not None and r["curve_min_reliability_from_20"] is None for r in rows)
+    # WISE-Merge holds every edit in its one memory: the routing report's forced and routed figures come along
+    assert all(0 <= r["forced_reliability"] <= 1 and 0 <= r["routed_to_holder"] <= 1 for r in rows)
+    assert (tmp_path / "runs" / "counterfact_5_T3" / "routing.json").is_file()
+    assert len(result["single_edits"]["rows"]) == 2 and result["commit"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert "### single edits (2)" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="DATA:START:NUM_EDITS"):
+        Stream.parse("zsre:200")

@@ -101,3 +101,14 @@ def test_wheel_installs_namespaced_packages(tmp_path):
     )
     assert out.stdout.strip().startswith(str(target))
     assert torch.__version__.startswith("2.14.1")
+
+
+def test_memory_callbacks_run_before_the_forgetting_curve(tmp_path):
+    # two one-edit shards merge at the last edit: the curve's last point must see the merged memory
+    args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
+    memory = ["--model.strategy.edits_per_shard=1", "--model.strategy.shards_per_merge=2"]
+    cli = run(["fit", *args, *memory, "--data.num_edits=2"])
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    last = json.loads((Path(cli.trainer.log_dir) / "forgetting_curve.json").read_text())[-1]
+    assert last["edits"] == 2
+    assert {k: last[k] for k in ("reliability", "locality")} == {k: metrics[k] for k in ("reliability", "locality")}

@@ -366,3 +366,24 @@ def test_calibration_texts_are_held_back_and_floor_every_memory_threshold(tiny, 
     assert max(strategy.adapter.thresholds) > min(strategy.act_ratio * s for _, s, _ in strategy.frozen)
     with pytest.raises(ValueError, match="calibration_texts"):
         WISE(layer=TINY_LAYER, calibration_texts=10_000).prepare(model, tokenizer)
+
+
+def test_shared_directions_make_every_serving_memory_blind_to_them(tiny, zsre10):
+    model, tokenizer = tiny
+    strategy = small_wise(shared_directions=4, retrieve=True, edits_per_shard=1, shards_per_merge=1, n_iter=3)
+    strategy.prepare(model, tokenizer)
+    basis = strategy.basis
+    assert basis.shape == (strategy.adapter.weight.shape[1], 4)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(4), atol=1e-5, rtol=0)
+    for i, request in enumerate(zsre10[:2]):
+        strategy.edit(EditBatch([i], [request]))
+        for callback in strategy.callbacks():
+            callback.after_edit(strategy)
+    assert len(strategy.adapter.taus) == 2
+    for tau in strategy.adapter.taus:
+        assert tau.abs().max() > 0 and (tau @ basis).abs().max() < 1e-4 * tau.abs().max()
+    # the training forward sees the projected memory: its scores equal the served memory's
+    rows = teacher_forced_batch(tokenizer, [zsre10[0].prompt], [zsre10[0].target])
+    raw = strategy.frozen[0][0] + 5 * torch.randn_like(strategy.frozen[0][0]) @ basis @ basis.T
+    served = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.adapter.taus[0])
+    torch.testing.assert_close(strategy._forward(rows).scores(raw), served, rtol=1e-4, atol=1e-4)

@@ -238,6 +238,25 @@ class CachedForward(FullForward):
         return self._scores(tau)[1]
 
 
+def project_out(tau: Tensor, basis: Tensor | None) -> Tensor:
+    """`tau` blind to the input directions `basis` ([in, k], orthonormal columns): `tau (I - U U^T)`."""
+    return tau if basis is None else tau - (tau @ basis) @ basis.T
+
+
+class ProjectedForward:
+    """A forward whose task vector reads only the part of the input activation outside `basis`."""
+
+    def __init__(self, forward: FullForward, basis: Tensor) -> None:
+        self.forward, self.basis = forward, basis
+
+    def __call__(self, tau: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward(project_out(tau, self.basis))
+
+    @torch.no_grad()
+    def scores(self, tau: Tensor) -> Tensor:
+        return self.forward.scores(project_out(tau, self.basis))
+
+
 def few_row_logits(head: nn.Linear, hidden: Tensor) -> Tensor:
     """`head(hidden)` for a few rows, as `weight @ hidden^T`: this reads the large vocabulary matrix
     in its stored layout, about twice as fast on CPU (forward and backward) as `hidden @ weight^T`."""

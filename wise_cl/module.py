@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from wise_cl.callbacks import MemoryCallback
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import EditMetrics, locality_reference
 from wise_cl.models import load_model
@@ -62,6 +63,8 @@ class EditingModule(L.LightningModule):
         return self.reference
 
     def on_fit_start(self) -> None:
+        # the memory lifecycle (closing shards, merging, spawning) runs before anything that observes the model
+        self.trainer.callbacks.sort(key=lambda callback: not isinstance(callback, MemoryCallback))
         self.ensure_locality_reference()
 
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:

@@ -88,6 +88,7 @@ LAYOUTS: dict[str, Layout] = {
 
 BUNDLED_FILES = {
     "zsre": "zsre/zsre_mend_edit.json",
+    "zsre_train": "zsre/zsre_train_sample.json",
     "hallucination": "hallucination/hallucination-edit.json",
     "temporal": "temporal/temporal-edit.json",
     "counterfact": "counterfact/counterfact-edit.json",

@@ -22,6 +22,13 @@ from wise_cl.models import find_module, replace_module
 MAIN = -1  # route index of the main memory
 
 
+def route(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """Per sequence, the index of the highest-scoring memory if its score exceeds that memory's threshold,
+    else MAIN; from scores [memories, batch] and thresholds [memories]."""
+    best, index = scores.max(0)
+    return torch.where(best > thresholds[index], index, torch.full_like(index, MAIN))
+
+
 def sequence_scores(delta: Tensor, token_mask: Tensor | None) -> Tensor:
     """Per sequence, the mean over real tokens of the L2 norm of `delta` ([batch, tokens, out])."""
     norms = delta.norm(dim=-1)
@@ -64,9 +71,8 @@ class SideMemoryLinear(nn.Module):
         if not self.taus:
             return torch.full((a.shape[0],), MAIN, dtype=torch.long, device=a.device)
         scores = self.scores(a)
-        best, index = scores.max(0)
         thresholds = torch.tensor(self.thresholds, dtype=scores.dtype, device=a.device)
-        return torch.where(best > thresholds[index], index, torch.full_like(index, MAIN))
+        return route(scores, thresholds)
 
     def forward(self, a: Tensor) -> Tensor:
         out = self.base(a)

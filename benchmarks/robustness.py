@@ -1,0 +1,196 @@
+"""Run one config on disjoint edit streams it was never tuned on; per-stream, mean and worst scores.
+
+python -m wise_cl.benchmarks.robustness --config configs/zsre_wise_retrieve.yaml \
+    --out benchmarks/results/robustness/wise_retrieve
+
+The default streams are 100 edits each: bundled ZsRE requests 200-299 through 900-999, two streams of
+the ZsRE training-split sample (`zsre_train`, requests 0-99 and 100-199) and two CounterFact streams
+(records 0-99 and 100-199); settings are chosen on ZsRE requests 0-199, which none of them touches.
+`--single-edits N` adds N single-edit streams (T=1, each edited from the unedited model), half ZsRE
+requests 1000 on, half CounterFact records 1000 on. Each stream is one `wise-cl fit` run (see
+`compare.run_fit`: finished runs are skipped, interrupted ones resume), so the command can be
+stopped and run again. Besides the final scores, each stream reports its forgetting curve's points
+(`--curve-at 90` reads the scores after 90 edits, off any merge boundary) and the lowest reliability
+from edit 20 on. Writes `results.json`, `results.md` and `curves.png` (every stream's curve) to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wise_cl.benchmarks.compare import run_fit
+from wise_cl.benchmarks.routing import routing_report
+from wise_cl.callbacks import plot_curves
+
+QUALITY = ("reliability", "generalization", "locality", "exact_match")
+ROUTING = ("forced_reliability", "routed_to_holder")
+COST = ("edit_seconds_median",)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Requests `start .. start + num_edits - 1` of a bundled data set or file."""
+
+    data: str
+    start: int
+    num_edits: int
+
+    @property
+    def name(self) -> str:
+        return f"{Path(self.data).stem}_{self.start}_T{self.num_edits}"
+
+    @staticmethod
+    def parse(spec: str) -> Stream:
+        """`zsre:200:100` -> requests 200-299 of the bundled ZsRE set."""
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise SystemExit(f"--streams '{spec}': expected DATA:START:NUM_EDITS, e.g. zsre:200:100")
+        return Stream(parts[0], int(parts[1]), int(parts[2]))
+
+
+# interleaved, so a run stopped early has covered every source
+DEFAULT_STREAMS = [
+    Stream("zsre_train", 0, 100),
+    Stream("counterfact", 0, 100),
+    Stream("zsre", 200, 100),
+    Stream("zsre_train", 100, 100),
+    Stream("counterfact", 100, 100),
+    *(Stream("zsre", start, 100) for start in range(300, 1000, 100)),
+]
+
+
+def single_edit_streams(count: int) -> list[Stream]:
+    """`count` single-edit streams: ZsRE requests 1000 on and CounterFact records 1000 on, alternating."""
+    return [Stream(("zsre", "counterfact")[i % 2], 1000 + i // 2, 1) for i in range(count)]
+
+
+def code_version() -> str:
+    """The git commit the benchmark ran on, `+dirty` when tracked files differed from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def routing_columns(folder: Path) -> dict[str, Any]:
+    """From the run's routing report (made once, kept as routing.json): reliability when every edit is answered
+    by the memory that holds it, and the shares of edit prompts and rephrasings routed to that memory."""
+    path = folder / "routing.json"
+    if not path.exists():
+        report = routing_report(folder)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+    report = json.loads(path.read_text())
+    row = report["act_ratio"][0]
+    return {
+        "forced_reliability": report.get("holding_memory_accuracy", {}).get("reliability"),
+        "routed_to_holder": row.get("reliability_routed_to_holder"),
+        "rephrase_routed_to_holder": row.get("generalization_routed_to_holder"),
+        "locality_routed": row.get("locality_routed"),
+    }
+
+
+def stream_row(stream: Stream, folder: Path, metrics: dict[str, Any], curve_at: list[int]) -> dict[str, Any]:
+    """One stream's final scores, the curve's scores after `curve_at` edits and its lowest reliability."""
+    row: dict[str, Any] = {"stream": stream.name, "data": stream.data, "start": stream.start, "T": stream.num_edits}
+    row |= {key: metrics.get(key) for key in QUALITY + COST}
+    curve_file = folder / "forgetting_curve.json"
+    curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
+    points = {point["edits"]: point for point in curve}
+    for t in curve_at:
+        if t in points:
+            row |= {f"{key}@{t}": points[t].get(key) for key in ("reliability", "generalization", "locality")}
+    late = [point["reliability"] for point in curve if point["edits"] >= 20]
+    row["curve_min_reliability_from_20"] = min(late) if late else None
+    return row
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean and worst (lowest score, highest cost) of every numeric column over the streams."""
+    keys = [k for k in rows[0] if k not in ("stream", "data", "start", "T")]
+    summary: dict[str, dict[str, float]] = {"mean": {}, "worst": {}}
+    for key in keys:
+        values = [row[key] for row in rows if isinstance(row.get(key), int | float)]
+        if values:
+            summary["mean"][key] = statistics.fmean(values)
+            summary["worst"][key] = max(values) if key in COST else min(values)
+    return summary
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]], curve_at: list[int]) -> str:
+    columns = [*QUALITY, *COST, *(f"{m}@{t}" for t in curve_at for m in ("reliability", "locality"))]
+    columns.append("curve_min_reliability_from_20")
+    heads = ["Rel.", "Gen.", "Loc.", "EM", "s/edit", *(f"{m}@{t}" for t in curve_at for m in ("Rel", "Loc"))]
+    heads.append("min curve Rel (>=20)")
+    lines = ["| stream | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+
+    def cells(values: dict[str, Any]) -> str:
+        return " | ".join("-" if values.get(c) is None else f"{values[c]:.3f}" for c in columns)
+
+    lines += [f"| {row['stream']} | {cells(row)} |" for row in rows]
+    lines += [f"| **{name}** | {cells(values)} |" for name, values in summary.items()]
+    return "\n".join(lines) + "\n"
+
+
+def robustness(
+    config: Path, streams: list[Stream], out: Path, extra: list[str], curve_at: list[int], routing: bool = False
+) -> dict[str, Any]:
+    """Run `config` on every stream; write results.json, results.md and curves.png to `out`. With `routing`,
+    each WISE stream of more than one edit also gets its routing report and the forced-to-holder columns."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    curves = {}
+    for stream in streams:
+        folder = out / "runs" / stream.name
+        args = [f"--data.path={stream.data}", f"--data.start={stream.start}", f"--data.num_edits={stream.num_edits}"]
+        metrics = run_fit(config, folder, args + extra)
+        row = stream_row(stream, folder, metrics, curve_at)
+        if routing and stream.num_edits > 1:
+            row |= routing_columns(folder)
+        group = "single_edits" if stream.num_edits == 1 else "streams"
+        groups.setdefault(group, []).append(row)
+        if (folder / "forgetting_curve.json").exists() and stream.num_edits > 1:
+            curves[stream.name] = json.loads((folder / "forgetting_curve.json").read_text())
+        print(json.dumps(row), flush=True)
+    command = "python -m wise_cl.benchmarks.robustness " + shlex.join(sys.argv[1:])
+    result: dict[str, Any] = {"command": command, "commit": code_version(), "config": config.read_text()}
+    text = f"`{command}`\n\ncommit {result['commit']}\n"
+    for group, rows in groups.items():
+        summary = aggregate(rows)
+        result[group] = {"rows": rows, **summary}
+        shown_at = curve_at if group == "streams" else []
+        text += f"\n### {group.replace('_', ' ')} ({len(rows)})\n\n" + markdown(rows, summary, shown_at)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "results.md").write_text(text)
+    if curves:
+        plot_curves(curves, out / "curves.png")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="a wise-cl YAML")
+    parser.add_argument("--streams", nargs="+", type=Stream.parse, help="DATA:START:NUM_EDITS (default: 12 streams)")
+    parser.add_argument("--single-edits", type=int, default=0, help="single-edit streams to add (T=1)")
+    parser.add_argument("--curve-at", type=int, nargs="*", default=[90], help="also report the curve after N edits")
+    parser.add_argument("--routing", action="store_true", help="routing report per stream (WISE configs)")
+    parser.add_argument("--out", type=Path, required=True)
+    args, extra = parser.parse_known_args()
+    streams = (args.streams or DEFAULT_STREAMS) + single_edit_streams(args.single_edits)
+    args.out.mkdir(parents=True, exist_ok=True)
+    robustness(args.config, streams, args.out, [a for a in extra if a != "--"], args.curve_at, args.routing)
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
