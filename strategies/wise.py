@@ -175,7 +175,7 @@ class WISE(EditStrategy):
         # built on first use, kept: the main memory never changes
         self.calibration_forward: FullForward | ProjectedForward | None = None
         self.adapter: SideMemoryLinear = attach_side_memory(model, self.layer)
-        self.basis = self._principal_directions(self.irrelevant[:SHARED_DIRECTION_TEXTS], self.shared_directions)
+        self.basis = self.principal_directions(self.irrelevant[:SHARED_DIRECTION_TEXTS], self.shared_directions)
         weight = self.adapter.weight
         self.tau = torch.zeros_like(weight, requires_grad=True)
         self.shards: list[Tensor] = []  # finished shards of the current memory, not merged yet
@@ -216,13 +216,17 @@ class WISE(EditStrategy):
         return texts
 
     @torch.no_grad()
-    def _principal_directions(self, texts: list[str], count: int) -> Tensor | None:
+    def token_activations(self, texts: list[str]) -> list[Tensor]:
+        """The edited layer's input activation at the real tokens of each text ([tokens, in] each)."""
+        rows = teacher_forced_batch(self.tokenizer, texts, [""] * len(texts)).to(self.model.device)
+        return CachedForward(self.model, self.adapter, rows, self.layer).tail
+
+    def principal_directions(self, texts: list[str], count: int) -> Tensor | None:
         """The `count` leading eigenvectors ([in, count]) of the second moment of the edited layer's input
         over the real tokens of `texts` (None for 0)."""
         if not count:
             return None
-        rows = teacher_forced_batch(self.tokenizer, texts, [""] * len(texts)).to(self.model.device)
-        tokens = torch.cat(CachedForward(self.model, self.adapter, rows, self.layer).tail).double()
+        tokens = torch.cat(self.token_activations(texts)).double()
         values, vectors = torch.linalg.eigh(tokens.T @ tokens)
         return vectors[:, values.argsort(descending=True)[:count]].to(self.adapter.weight.dtype)
 

@@ -2,13 +2,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_LAYER, TINY_WISE
 
+from wise_cl.benchmarks.activation_overlap import mean_activations, overlap
 from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
 from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.benchmarks.sweep import key_values, variant_args
+from wise_cl.strategies.wise import WISE
 
 
 def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(tmp_path):
@@ -88,3 +91,18 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     assert "### single edits (2)" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit, match="DATA:START:NUM_EDITS"):
         Stream.parse("zsre:200")
+
+
+def test_activation_overlap_compares_edits_with_and_without_the_shared_directions(tiny, zsre10):
+    strategy = WISE(layer=TINY_LAYER)
+    strategy.prepare(*tiny)
+    requests = zsre10[:4]
+    rows = overlap(strategy, requests, [0, 2])
+    assert [r["directions_removed"] for r in rows] == [0, 2]
+    assert all(-1 - 1e-6 <= r[k] <= 1 + 1e-6 for r in rows for k in r if k != "directions_removed")
+    targets = [r.target for r in requests]
+    edit = mean_activations(strategy, [r.prompt for r in requests], targets)
+    rephrase = mean_activations(strategy, [r.rephrases[0] for r in requests], targets)
+    own = torch.nn.functional.cosine_similarity(edit, rephrase).mean()
+    assert rows[0]["own_rephrase"] == pytest.approx(float(own), abs=1e-5)
+    assert rows[1]["own_rephrase"] != pytest.approx(rows[0]["own_rephrase"], abs=1e-4)
