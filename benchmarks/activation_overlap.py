@@ -53,9 +53,10 @@ def overlap(strategy: WISE, requests: list, directions: list[int], seed: int = 0
             strategy, [r.locality_prompt for r in requests], [r.locality_answer for r in requests]
         ),
     }
+    leading = strategy.principal_directions(strategy.irrelevant[:SHARED_DIRECTION_TEXTS], max(directions))
     rows = []
     for k in directions:
-        basis = strategy.principal_directions(strategy.irrelevant[:SHARED_DIRECTION_TEXTS], k)
+        basis = leading[:, :k] if k else None
         project = (lambda x: x) if basis is None else (lambda x, u=basis: x - (x @ u) @ u.T)
         e = F.normalize(project(edit), dim=-1)
         others = e @ e.T - 2 * torch.eye(len(e))  # an edit is not its own nearest other edit

@@ -118,7 +118,7 @@ def stream_row(stream: Stream, folder: Path, metrics: dict[str, Any], curve_at: 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean and worst (lowest score, highest cost) of every numeric column over the streams."""
-    keys = [k for k in rows[0] if k not in ("stream", "data", "start", "T")]
+    keys = [k for k in rows[0] if k not in ("stream", "data", "start", "T", "commit")]
     summary: dict[str, dict[str, float]] = {"mean": {}, "worst": {}}
     for key in keys:
         values = [row[key] for row in rows if isinstance(row.get(key), int | float)]
@@ -146,25 +146,39 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]], c
 def robustness(
     config: Path, streams: list[Stream], out: Path, extra: list[str], curve_at: list[int], routing: bool = False
 ) -> dict[str, Any]:
-    """Run `config` on every stream; write results.json, results.md and curves.png to `out`. With `routing`,
-    each WISE stream of more than one edit also gets its routing report and the forced-to-holder columns."""
+    """Run `config` on every stream; after each, write results.json, results.md and curves.png to `out`.
+    With `routing`, each WISE stream of more than one edit also gets its routing report and the
+    forced-to-holder columns. Each stream's row names the commit its run was made on."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    curves = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    result: dict[str, Any] = {}
     for stream in streams:
         folder = out / "runs" / stream.name
         args = [f"--data.path={stream.data}", f"--data.start={stream.start}", f"--data.num_edits={stream.num_edits}"]
+        provenance = folder / "provenance.json"
+        fresh = not (folder / "metrics.json").exists()
         metrics = run_fit(config, folder, args + extra)
+        if fresh:  # the commit that finished the run
+            provenance.write_text(json.dumps({"commit": code_version(), "args": args + extra}, indent=1) + "\n")
         row = stream_row(stream, folder, metrics, curve_at)
+        row["commit"] = json.loads(provenance.read_text())["commit"] if provenance.exists() else "unknown"
         if routing and stream.num_edits > 1:
             row |= routing_columns(folder)
-        group = "single_edits" if stream.num_edits == 1 else "streams"
-        groups.setdefault(group, []).append(row)
+        groups.setdefault("single_edits" if stream.num_edits == 1 else "streams", []).append(row)
         if (folder / "forgetting_curve.json").exists() and stream.num_edits > 1:
             curves[stream.name] = json.loads((folder / "forgetting_curve.json").read_text())
         print(json.dumps(row), flush=True)
+        result = write_results(out, config, groups, curves, curve_at)
+    return result
+
+
+def write_results(
+    out: Path, config: Path, groups: dict[str, list[dict[str, Any]]], curves: dict, curve_at: list[int]
+) -> dict[str, Any]:
+    """results.json, results.md and curves.png of the streams run so far."""
     command = "python -m wise_cl.benchmarks.robustness " + shlex.join(sys.argv[1:])
     result: dict[str, Any] = {"command": command, "commit": code_version(), "config": config.read_text()}
-    text = f"`{command}`\n\ncommit {result['commit']}\n"
+    text = f"`{command}`\n\nsummarised at commit {result['commit']} (each row names the commit of its run)\n"
     for group, rows in groups.items():
         summary = aggregate(rows)
         result[group] = {"rows": rows, **summary}

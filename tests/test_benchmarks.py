@@ -87,6 +87,7 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     assert all(0 <= r["forced_reliability"] <= 1 and 0 <= r["routed_to_holder"] <= 1 for r in rows)
     assert (tmp_path / "runs" / "counterfact_5_T3" / "routing.json").is_file()
     assert len(result["single_edits"]["rows"]) == 2 and result["commit"]
+    assert all(r["commit"] not in ("", "unknown") for r in rows)
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert "### single edits (2)" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit, match="DATA:START:NUM_EDITS"):
