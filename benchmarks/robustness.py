@@ -31,7 +31,7 @@ from wise_cl.benchmarks.routing import routing_report
 from wise_cl.callbacks import plot_curves
 
 QUALITY = ("reliability", "generalization", "locality", "exact_match")
-ROUTING = ("forced_reliability", "routed_to_holder")
+ROUTING = ("forced_reliability", "routed_to_holder")  # from the routing report, with --routing
 COST = ("edit_seconds_median",)
 
 
@@ -130,9 +130,13 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]], curve_at: list[int]) -> str:
     columns = [*QUALITY, *COST, *(f"{m}@{t}" for t in curve_at for m in ("reliability", "locality"))]
-    columns.append("curve_min_reliability_from_20")
     heads = ["Rel.", "Gen.", "Loc.", "EM", "s/edit", *(f"{m}@{t}" for t in curve_at for m in ("Rel", "Loc"))]
-    heads.append("min curve Rel (>=20)")
+    if curve_at:
+        columns.append("curve_min_reliability_from_20")
+        heads.append("min curve Rel (>=20)")
+    if any(row.get("forced_reliability") is not None for row in rows):
+        columns += ROUTING
+        heads += ["forced Rel", "routed to holder"]
     lines = ["| stream | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
 
     def cells(values: dict[str, Any]) -> str:

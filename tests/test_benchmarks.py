@@ -89,7 +89,8 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     assert len(result["single_edits"]["rows"]) == 2 and result["commit"]
     assert all(r["commit"] not in ("", "unknown") for r in rows)
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert "### single edits (2)" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "### single edits (2)" in text and "| forced Rel | routed to holder |" in text
     with pytest.raises(SystemExit, match="DATA:START:NUM_EDITS"):
         Stream.parse("zsre:200")
 
