@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wise_cl.benchmarks.robustness import code_version
+from wise_cl.benchmarks.compare import code_version
 from wise_cl.models import load_model
 from wise_cl.records import read_requests
 from wise_cl.strategies.wise import SHARED_DIRECTION_TEXTS, WISE

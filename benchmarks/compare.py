@@ -32,6 +32,18 @@ def strategy_name(config: Path) -> str:
     return config.stem.split("_", 1)[-1]
 
 
+def code_version() -> str:
+    """The git commit the benchmark ran on, `+dirty` when tracked files differed from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.strip() + ("+dirty" if dirty.strip() else "")
+
+
 def run_fit(config: Path, folder: Path, args: list[str]) -> dict[str, Any]:
     """One `wise-cl fit` run of `config` with `args`, logged to `folder`; its metrics.json as a dict.
 

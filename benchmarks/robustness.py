@@ -20,13 +20,12 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wise_cl.benchmarks.compare import run_fit
+from wise_cl.benchmarks.compare import code_version, run_fit
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.callbacks import plot_curves
 
@@ -72,18 +71,6 @@ def single_edit_streams(count: int) -> list[Stream]:
     return [Stream(("zsre", "counterfact")[i % 2], 1000 + i // 2, 1) for i in range(count)]
 
 
-def code_version() -> str:
-    """The git commit the benchmark ran on, `+dirty` when tracked files differed from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.strip() + ("+dirty" if dirty.strip() else "")
-
-
 def routing_columns(folder: Path) -> dict[str, Any]:
     """From the run's routing report (made once, kept as routing.json): reliability when every edit is answered
     by the memory that holds it, and the shares of edit prompts and rephrasings routed to that memory."""
@@ -101,12 +88,12 @@ def routing_columns(folder: Path) -> dict[str, Any]:
     }
 
 
-def stream_row(stream: Stream, folder: Path, metrics: dict[str, Any], curve_at: list[int]) -> dict[str, Any]:
+def stream_row(
+    stream: Stream, metrics: dict[str, Any], curve: list[dict[str, float]], curve_at: list[int]
+) -> dict[str, Any]:
     """One stream's final scores, the curve's scores after `curve_at` edits and its lowest reliability."""
     row: dict[str, Any] = {"stream": stream.name, "data": stream.data, "start": stream.start, "T": stream.num_edits}
     row |= {key: metrics.get(key) for key in QUALITY + COST}
-    curve_file = folder / "forgetting_curve.json"
-    curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
     points = {point["edits"]: point for point in curve}
     for t in curve_at:
         if t in points:
@@ -164,13 +151,15 @@ def robustness(
         metrics = run_fit(config, folder, args + extra)
         if fresh:  # the commit that finished the run
             provenance.write_text(json.dumps({"commit": code_version(), "args": args + extra}, indent=1) + "\n")
-        row = stream_row(stream, folder, metrics, curve_at)
+        curve_file = folder / "forgetting_curve.json"
+        curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
+        row = stream_row(stream, metrics, curve, curve_at)
         row["commit"] = json.loads(provenance.read_text())["commit"] if provenance.exists() else "unknown"
         if routing and stream.num_edits > 1:
             row |= routing_columns(folder)
         groups.setdefault("single_edits" if stream.num_edits == 1 else "streams", []).append(row)
-        if (folder / "forgetting_curve.json").exists() and stream.num_edits > 1:
-            curves[stream.name] = json.loads((folder / "forgetting_curve.json").read_text())
+        if curve and stream.num_edits > 1:
+            curves[stream.name] = curve
         print(json.dumps(row), flush=True)
         result = write_results(out, config, groups, curves, curve_at)
     return result

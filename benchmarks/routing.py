@@ -142,8 +142,7 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
         strategy.act_ratio = ratio
         strategy._publish()
         thresholds = torch.tensor(strategy.adapter.thresholds)
-        row: dict[str, Any] = {"act_ratio": ratio}
-        row["thresholds"] = [round(t, 2) for t in thresholds.tolist()]
+        row: dict[str, Any] = {"act_ratio": ratio, "thresholds": [round(t, 2) for t in thresholds.tolist()]}
         for name, pairs in sets.items():
             row[name] = float(accuracy(strategy, *pairs, reference if name == "locality" else None).mean())
             index = route(scores[name], thresholds)
