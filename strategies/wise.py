@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,10 @@ class WISE(EditStrategy):
             over the irrelevant texts (it reads `(I - U U^T) a`, U those directions): every text has a large
             component there, so a memory trained on them scores unrelated prompts and other memories' edits
             almost as high as its own (0: off, as in the paper).
+        subject_negatives: each edit whose prompt contains its subject also trains against this many copies of
+            the prompt with the subject replaced by subjects of earlier edits (score-only rows, like the
+            irrelevant texts), so a memory answers for the subject and not for every prompt of the same
+            relation (0: off, as in the paper).
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
@@ -120,6 +125,7 @@ class WISE(EditStrategy):
         calibration_texts: int = 0,
         calibration_quantile: float = 0.9,
         shared_directions: int = 0,
+        subject_negatives: int = 0,
         retrieve: bool = False,
         replay: int = 0,
         consolidate_steps: int = 0,
@@ -135,10 +141,11 @@ class WISE(EditStrategy):
             raise ValueError("strategy.mask_ratio, merge_density and calibration_quantile must lie in (0, 1]")
         if early_stop_on not in ("loss", "edit_loss"):
             raise ValueError(f"strategy.early_stop_on: unknown '{early_stop_on}'; expected 'loss' or 'edit_loss'")
-        if min(replay, consolidate_steps, merge_consolidate_steps, calibration_texts, shared_directions) < 0:
+        counts = (replay, consolidate_steps, merge_consolidate_steps, calibration_texts, shared_directions)
+        if min(*counts, subject_negatives) < 0:
             raise ValueError(
-                "strategy.replay, consolidate_steps, merge_consolidate_steps, calibration_texts and"
-                " shared_directions must be at least 0"
+                "strategy.replay, consolidate_steps, merge_consolidate_steps, calibration_texts,"
+                " shared_directions and subject_negatives must be at least 0"
             )
         if num_irrelevant < 1:
             raise ValueError(f"strategy.num_irrelevant must be at least 1, got {num_irrelevant}")
@@ -154,7 +161,7 @@ class WISE(EditStrategy):
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
-        self.shared_directions = shared_directions
+        self.shared_directions, self.subject_negatives = shared_directions, subject_negatives
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
@@ -186,6 +193,8 @@ class WISE(EditStrategy):
         self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
         self.memory_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the memory's edits
         self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
+        self.subjects: list[str] = []  # subjects of the edits so far, each once, in order
+        self.negatives: dict[int, list[str]] = {}  # subject-swapped prompts of the memory's edits
         self.shard_index = 0
         self.mask = self._shard_mask(0)
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
@@ -244,7 +253,8 @@ class WISE(EditStrategy):
         if len(self.contexts) < self.num_context:
             self.contexts = self._generate_contexts()
         prompts, targets, context_lengths = [], [], []
-        for request in batch.requests:
+        for index, request in zip(batch.indices, batch.requests, strict=True):
+            self._add_negatives(index, request.prompt, request.subject)
             for context in ("", *self.contexts):
                 prompts.append(f"{context} {request.prompt}" if context else request.prompt)
                 targets.append(request.target)
@@ -259,6 +269,17 @@ class WISE(EditStrategy):
             self.min_score = min(self.closed_min_score, scores.min().item())
         self._publish()
         return stats
+
+    def _add_negatives(self, index: int, prompt: str, subject: str | None) -> None:
+        """Keep `subject_negatives` copies of `prompt` with earlier edits' subjects in place of `subject`."""
+        if not subject or subject not in prompt:
+            return
+        others = [other for other in self.subjects if other != subject]
+        chosen = random.Random(self.seed * 100_003 + index).sample(others, min(self.subject_negatives, len(others)))
+        if chosen:
+            self.negatives[index] = [prompt.replace(subject, other) for other in chosen]
+        if subject not in self.subjects:
+            self.subjects.append(subject)
 
     def consolidate(
         self, edits: list[tuple[int, str, str]], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None
@@ -285,6 +306,7 @@ class WISE(EditStrategy):
         tau, mask = (self.tau, self.mask) if tau is None else (tau, mask)
         n = self.num_irrelevant
         irrelevant = [self.irrelevant[(i * n + j) % len(self.irrelevant)] for i in indices for j in range(n)]
+        irrelevant += [negative for i in indices for negative in self.negatives.get(i, [])]
         irrelevant += self.replay_prompts[-self.replay :] if self.replay else []
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
@@ -372,7 +394,7 @@ class WISE(EditStrategy):
         self.frozen.append((frozen, self.min_score, self.threshold_floor(frozen)))
         self.merged, self.min_score, self.closed_min_score = None, math.inf, math.inf
         self.replay_prompts += [prompt for _, prompt, _ in self.memory_edits]
-        self.memory_edits = []
+        self.memory_edits, self.negatives = [], {}
         self._publish()
 
     def _consolidated(self, include_current: bool = True) -> Tensor | None:
@@ -427,6 +449,8 @@ class WISE(EditStrategy):
             "contexts": list(self.contexts),
             "memory_edits": list(self.memory_edits),
             "replay_prompts": list(self.replay_prompts),
+            "subjects": list(self.subjects),
+            "negatives": dict(self.negatives),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -442,6 +466,7 @@ class WISE(EditStrategy):
         self.shard_edits = [tuple(edit) for edit in state["shard_edits"]]
         self.memory_edits = [tuple(edit) for edit in state["memory_edits"]]
         self.replay_prompts = list(state["replay_prompts"])
+        self.subjects, self.negatives = list(state["subjects"]), dict(state["negatives"])
         self.shard_index = state["shard_index"]
         self.mask = self._shard_mask(self.shard_index)
         self._publish()
