@@ -78,7 +78,7 @@ class WISE(EditStrategy):
         subject_negatives: each edit whose prompt contains its subject also trains against this many copies of
             the prompt with the subject replaced by subjects of earlier edits (score-only rows, like the
             irrelevant texts), so a memory answers for the subject and not for every prompt of the same
-            relation (0: off, as in the paper).
+            relation (0: off, as in the paper); they act only with a stronger `act_loss_weight`.
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
