@@ -272,8 +272,8 @@ class WISE(EditStrategy):
 
     def _add_negatives(self, index: int, prompt: str, subject: str | None) -> None:
         """Keep `subject_negatives` copies of `prompt` with earlier edits' subjects in place of `subject`."""
-        if not subject or subject not in prompt:
-            return
+        if not self.subject_negatives or not subject or subject not in prompt:
+            return  # off (the default): no work per edit and nothing added to the checkpoint
         others = [other for other in self.subjects if other != subject]
         chosen = random.Random(self.seed * 100_003 + index).sample(others, min(self.subject_negatives, len(others)))
         if chosen:
