@@ -25,7 +25,7 @@ from wise_cl.editing_forward import (
 )
 from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.merging import MERGE_METHODS, merge_task_vectors
-from wise_cl.records import read_irrelevant_prompts
+from wise_cl.records import read_irrelevant_prompts, read_subjects
 from wise_cl.side_memory import (
     SideMemoryLinear,
     attach_side_memory,
@@ -76,9 +76,11 @@ class WISE(EditStrategy):
             component there, so a memory trained on them scores unrelated prompts and other memories' edits
             almost as high as its own (0: off, as in the paper).
         subject_negatives: each edit whose prompt contains its subject also trains against this many copies of
-            the prompt with the subject replaced by subjects of earlier edits (score-only rows, like the
-            irrelevant texts), so a memory answers for the subject and not for every prompt of the same
-            relation (0: off, as in the paper); they act only with a stronger `act_loss_weight`.
+            the prompt with the subject replaced by other subjects (score-only rows, like the irrelevant texts),
+            so a memory answers for the subject and not for every prompt of the same relation (0: off, as in
+            the paper); they act only with a stronger `act_loss_weight`.
+        negative_subjects: JSON list of the subjects swapped in (`bundled`: 1000 CounterFact subjects that no
+            bundled edit request has); subjects of the stream's own edits would make a negative of another edit.
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
@@ -126,6 +128,7 @@ class WISE(EditStrategy):
         calibration_quantile: float = 0.9,
         shared_directions: int = 0,
         subject_negatives: int = 0,
+        negative_subjects: str = "bundled",
         retrieve: bool = False,
         replay: int = 0,
         consolidate_steps: int = 0,
@@ -162,6 +165,7 @@ class WISE(EditStrategy):
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
         self.shared_directions, self.subject_negatives = shared_directions, subject_negatives
+        self.negative_subjects = negative_subjects
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
@@ -193,7 +197,7 @@ class WISE(EditStrategy):
         self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
         self.memory_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the memory's edits
         self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
-        self.subjects: list[str] = []  # subjects of the edits so far, each once, in order
+        self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
         self.negatives: dict[int, list[str]] = {}  # subject-swapped prompts of the memory's edits
         self.shard_index = 0
         self.mask = self._shard_mask(0)
@@ -271,15 +275,12 @@ class WISE(EditStrategy):
         return stats
 
     def _add_negatives(self, index: int, prompt: str, subject: str | None) -> None:
-        """Keep `subject_negatives` copies of `prompt` with earlier edits' subjects in place of `subject`."""
+        """Keep `subject_negatives` copies of `prompt` with other subjects in place of `subject`."""
         if not self.subject_negatives or not subject or subject not in prompt:
             return  # off (the default): no work per edit and nothing added to the checkpoint
-        others = [other for other in self.subjects if other != subject]
+        others = [other for other in self.swap_subjects if other != subject]
         chosen = random.Random(self.seed * 100_003 + index).sample(others, min(self.subject_negatives, len(others)))
-        if chosen:
-            self.negatives[index] = [prompt.replace(subject, other) for other in chosen]
-        if subject not in self.subjects:
-            self.subjects.append(subject)
+        self.negatives[index] = [prompt.replace(subject, other) for other in chosen]
 
     def consolidate(
         self, edits: list[tuple[int, str, str]], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None
@@ -449,7 +450,6 @@ class WISE(EditStrategy):
             "contexts": list(self.contexts),
             "memory_edits": list(self.memory_edits),
             "replay_prompts": list(self.replay_prompts),
-            "subjects": list(self.subjects),
             "negatives": dict(self.negatives),
         }
 
@@ -466,7 +466,7 @@ class WISE(EditStrategy):
         self.shard_edits = [tuple(edit) for edit in state["shard_edits"]]
         self.memory_edits = [tuple(edit) for edit in state["memory_edits"]]
         self.replay_prompts = list(state["replay_prompts"])
-        self.subjects, self.negatives = list(state["subjects"]), dict(state["negatives"])
+        self.negatives = dict(state["negatives"])
         self.shard_index = state["shard_index"]
         self.mask = self._shard_mask(self.shard_index)
         self._publish()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from wise_cl.records import EditDataError, read_irrelevant_prompts, read_requests
+from wise_cl.records import EditDataError, bundled_path, read_irrelevant_prompts, read_requests, read_subjects
 
 
 def test_zsre_layout_maps_fields():
@@ -47,6 +47,19 @@ def test_irrelevant_prompts_bundled_lists():
     assert len(read_irrelevant_prompts("temporal")) == 75
     with pytest.raises(EditDataError, match="needs 2000"):
         read_irrelevant_prompts("zsre", count=2000)
+
+
+def test_bundled_swap_subjects_are_no_bundled_request_subject(tmp_path):
+    subjects = read_subjects()
+    assert len(subjects) == len(set(subjects)) == 1000
+    for path in bundled_path("").glob("*/*.json"):
+        records = json.loads(path.read_text())
+        if isinstance(records, list) and isinstance(records[0], dict):
+            assert not {r["subject"] for r in records} & set(subjects), path
+    path = tmp_path / "subjects.json"
+    path.write_text('["Kyoto", ""]')
+    with pytest.raises(EditDataError, match="record 1"):
+        read_subjects(path)
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,5 @@
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -389,23 +391,26 @@ def test_shared_directions_make_every_serving_memory_blind_to_them(tiny, zsre10)
     torch.testing.assert_close(strategy._forward(rows).scores(raw), served, rtol=1e-4, atol=1e-4)
 
 
-def test_subject_negatives_swap_in_earlier_subjects_and_are_trained_against(tiny, zsre10, edit_prompts):
-    strategy = small_wise(subject_negatives=2, retrieve=True, edits_per_shard=3, shards_per_merge=1, n_iter=2)
+def test_subject_negatives_swap_in_listed_subjects_and_are_trained_against(tiny, zsre10, edit_prompts, tmp_path):
+    listed = tmp_path / "subjects.json"
+    subjects = ["Ada Lovelace", "Kyoto", "Renault Twingo"]
+    listed.write_text(json.dumps(subjects))
+    settings = dict(subject_negatives=2, negative_subjects=str(listed), retrieve=True, edits_per_shard=3)
+    strategy = small_wise(**settings, shards_per_merge=1, n_iter=2)
     strategy.prepare(*tiny)
     requests = zsre10[:3]
     assert all(r.subject and r.subject in r.prompt for r in requests)
     edit_requests(strategy, requests)
-    # the first edit has no earlier subject; the third draws both earlier ones
-    assert 0 not in strategy.negatives and len(strategy.negatives[1]) == 1 and len(strategy.negatives[2]) == 2
-    expected = {requests[2].prompt.replace(requests[2].subject, r.subject) for r in requests[:2]}
-    assert set(strategy.negatives[2]) == expected
-    assert set(strategy.negatives[2]) <= set(edit_prompts[2][1 + strategy.num_context :])
-    assert strategy.subjects == [r.subject for r in requests]
+    for index, request in enumerate(requests):
+        swapped = {request.prompt.replace(request.subject, subject) for subject in subjects}
+        negatives = strategy.negatives[index]
+        assert len(set(negatives)) == 2 and set(negatives) <= swapped
+        assert set(negatives) <= set(edit_prompts[index][1 + strategy.num_context :])
     # they travel with the checkpoint and leave with the memory when it is frozen
-    restored = small_wise(subject_negatives=2, retrieve=True, edits_per_shard=3, shards_per_merge=1)
+    restored = small_wise(**settings, shards_per_merge=1)
     restored.prepare(*tiny)
     restored.load_state_dict(strategy.state_dict())
-    assert restored.negatives == strategy.negatives and restored.subjects == strategy.subjects
+    assert restored.negatives == strategy.negatives
     for callback in strategy.callbacks():
         callback.after_edit(strategy)
     assert strategy.frozen and strategy.negatives == {}

@@ -191,11 +191,24 @@ def read_irrelevant_prompts(source: str | Path = "zsre", count: int | None = Non
     else:
         path = Path(source)
         texts = _load_json(path)
+    _check_texts(path, texts)
+    if count is not None and count > len(texts):
+        raise EditDataError(path, f"needs {count} irrelevant prompts but holds {len(texts)}")
+    return texts[:count] if count is not None else texts
+
+
+def read_subjects(source: str | Path = "bundled") -> list[str]:
+    """Subjects to swap into edit prompts: `bundled` (1000 CounterFact subjects no bundled request has,
+    see `data/PROVENANCE.md`) or a JSON file holding a list of strings."""
+    path = bundled_path("irrelevant/subjects.json") if str(source) == "bundled" else Path(source)
+    subjects = _load_json(path)
+    _check_texts(path, subjects)
+    return subjects
+
+
+def _check_texts(path: Path, texts: Any) -> None:
     if not isinstance(texts, list) or not texts:
         raise EditDataError(path, "expected a non-empty JSON list of strings")
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise EditDataError(path, "expected non-empty text", i)
-    if count is not None and count > len(texts):
-        raise EditDataError(path, f"needs {count} irrelevant prompts but holds {len(texts)}")
-    return texts[:count] if count is not None else texts
