@@ -71,13 +71,14 @@ def accuracy(strategy: WISE, prompts: list[str], answers: list[str], reference: 
 
 
 def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
-    """Per request, the index of the serving memory that holds it (None if that is not one block each)."""
-    if not strategy.retrieve:
-        return torch.zeros(num_requests, dtype=torch.long)
-    size = strategy.edits_per_shard * strategy.shards_per_merge
-    if len(strategy.frozen) * size + len(strategy.memory_edits) != num_requests:
+    """Per request, the index of the serving memory that holds it: the frozen memories' blocks, then the
+    current memory's closed part and its open shard (None if the stream was not edited one block at a time)."""
+    open_shard = len(strategy.shard_edits)
+    blocks = [strategy.edits_per_shard * strategy.shards_per_merge] * len(strategy.frozen)
+    blocks += [count for count in (len(strategy.memory_edits) - open_shard, open_shard) if count]
+    if sum(blocks) != num_requests:
         return None
-    return torch.arange(num_requests) // size
+    return torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks, dtype=torch.long))
 
 
 def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: Tensor) -> float:

@@ -192,8 +192,8 @@ class WISE(EditStrategy):
         self.shards: list[Tensor] = []  # finished shards of the current memory, not merged yet
         self.merged: Tensor | None = None  # merge of the current memory's earlier groups
         self.frozen: list[tuple[Tensor, float, float]] = []  # WISE-Retrieve: finished memories, min score, floor
-        self.min_score = math.inf
         self.closed_min_score = math.inf  # smallest score among the edits of the memory's closed shards
+        self.shard_min_score = math.inf  # smallest score among the open shard's edits
         self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
         self.memory_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the memory's edits
         self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
@@ -264,13 +264,13 @@ class WISE(EditStrategy):
                 targets.append(request.target)
                 context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
-        self.min_score = min(self.min_score, scores[:: 1 + len(self.contexts)].min().item())
+        self.shard_min_score = min(self.shard_min_score, scores[:: 1 + len(self.contexts)].min().item())
         edits = [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
         self.memory_edits += edits
         self.shard_edits += edits
         if self.consolidate_steps and self.shard_full():
             stats["consolidation_steps"], scores = self.consolidate(self.shard_edits, self.consolidate_steps)
-            self.min_score = min(self.closed_min_score, scores.min().item())
+            self.shard_min_score = scores.min().item()
         self._publish()
         return stats
 
@@ -358,13 +358,18 @@ class WISE(EditStrategy):
 
     # memory management (called by the callbacks in wise_cl.callbacks) ----------------------------
 
+    @property
+    def min_score(self) -> float:
+        """The smallest edit score the current memory holds (closed shards and open shard)."""
+        return min(self.closed_min_score, self.shard_min_score)
+
     def shard_full(self) -> bool:
         return len(self.shard_edits) >= self.edits_per_shard
 
     def close_shard(self) -> None:
         """Keep the finished shard for merging; the next edits train a new random subspace from W."""
         self.shards.append(self.tau.detach().clone())
-        self.closed_min_score, self.shard_edits = self.min_score, []
+        self.closed_min_score, self.shard_min_score, self.shard_edits = self.min_score, math.inf, []
         self.shard_index += 1
         self.mask = self._shard_mask(self.shard_index)
         with torch.no_grad():
@@ -375,16 +380,16 @@ class WISE(EditStrategy):
 
     def merge(self) -> None:
         """Merge the finished shards (and the earlier merged memory) into one side memory."""
-        self.merged = self._consolidated(include_current=False)
+        self.merged = self._consolidated()
         self.shards = []
         if self.merge_consolidate_steps and self.memory_edits:
             merged = self.merged.clone().requires_grad_(True)
             mask = (self.merged != 0).to(self.mask.dtype)
             _, scores = self.consolidate(self.memory_edits, self.merge_consolidate_steps, merged, mask)
             self.merged = merged.detach()
-            self.min_score = self.closed_min_score = scores.min().item()
+            self.closed_min_score = scores.min().item()
         elif self.rescore_on_merge and self.memory_edits:
-            self.min_score = self.closed_min_score = self.edit_scores(self.merged, self.memory_edits).min().item()
+            self.closed_min_score = self.edit_scores(self.merged, self.memory_edits).min().item()
         self._publish()
 
     def spawn(self) -> None:
@@ -393,17 +398,17 @@ class WISE(EditStrategy):
             return
         frozen = project_out(self.merged, self.basis)
         self.frozen.append((frozen, self.min_score, self.threshold_floor(frozen)))
-        self.merged, self.min_score, self.closed_min_score = None, math.inf, math.inf
+        self.merged, self.closed_min_score, self.shard_min_score = None, math.inf, math.inf
         self.replay_prompts += [prompt for _, prompt, _ in self.memory_edits]
         self.memory_edits, self.negatives = [], {}
         self._publish()
 
-    def _consolidated(self, include_current: bool = True) -> Tensor | None:
-        parts = self.shards + ([self.tau.detach()] if include_current and self.shard_edits else [])
-        if self.merged is None and len(parts) <= 1:
-            return parts[0].clone() if parts else None
-        taus = ([self.merged] if self.merged is not None else []) + parts
-        weights = ([self.prior_merge_weight] if self.merged is not None else []) + [1.0] * len(parts)
+    def _consolidated(self) -> Tensor | None:
+        """The merged memory with the closed shards merged in (None before the first shard closes)."""
+        if self.merged is None and len(self.shards) <= 1:
+            return self.shards[0].clone() if self.shards else None
+        taus = ([self.merged] if self.merged is not None else []) + self.shards
+        weights = ([self.prior_merge_weight] if self.merged is not None else []) + [1.0] * len(self.shards)
         return merge_task_vectors(
             taus, self.merge_method, self.merge_density, weights, seed=self.seed + self.shard_index
         )
@@ -418,12 +423,16 @@ class WISE(EditStrategy):
         return torch.quantile(self.calibration_forward.scores(tau).float(), self.calibration_quantile).item()
 
     def _publish(self) -> None:
-        """Hand the serving side memories and their thresholds to the adapter."""
+        """Hand the serving side memories and their thresholds to the adapter: the frozen memories, the
+        current memory's closed part and its open shard, each routed on its own (the open shard is not merged
+        before its group is complete, as in the paper's code)."""
         memories = list(self.frozen)
-        active = self._consolidated()
-        if active is not None:
-            active = project_out(active, self.basis)
-            memories.append((active, self.min_score, self.threshold_floor(active)))
+        parts = [(self._consolidated(), self.closed_min_score)]
+        parts += [(self.tau.detach(), self.shard_min_score)] if self.shard_edits else []
+        for tau, score in parts:
+            if tau is not None:
+                tau = project_out(tau, self.basis)
+                memories.append((tau, score, self.threshold_floor(tau)))
         self.adapter.taus = [tau for tau, _, _ in memories]
         self.adapter.thresholds = [max(self.act_ratio * score, floor) for _, score, floor in memories]
 
@@ -443,8 +452,8 @@ class WISE(EditStrategy):
             "merged": self.merged,
             "frozen": [tau for tau, _, _ in self.frozen],
             "frozen_min_scores": [score for _, score, _ in self.frozen],
-            "min_score": self.min_score,
             "closed_min_score": self.closed_min_score,
+            "shard_min_score": self.shard_min_score,
             "shard_edits": list(self.shard_edits),
             "shard_index": self.shard_index,
             "contexts": list(self.contexts),
@@ -461,8 +470,8 @@ class WISE(EditStrategy):
             (tau, score, self.threshold_floor(tau))
             for tau, score in zip(state["frozen"], state["frozen_min_scores"], strict=True)
         ]
-        self.min_score, self.contexts = state["min_score"], list(state["contexts"])
-        self.closed_min_score = state["closed_min_score"]
+        self.contexts = list(state["contexts"])
+        self.closed_min_score, self.shard_min_score = state["closed_min_score"], state["shard_min_score"]
         self.shard_edits = [tuple(edit) for edit in state["shard_edits"]]
         self.memory_edits = [tuple(edit) for edit in state["memory_edits"]]
         self.replay_prompts = list(state["replay_prompts"])

@@ -196,6 +196,25 @@ def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
     assert len(strategy.adapter.taus) == 1 and strategy.shard_index == 2
 
 
+def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, zsre10):
+    strategy = small_wise(edits_per_shard=2, shards_per_merge=2, n_iter=4)
+    strategy.prepare(*tiny)
+    callbacks = strategy.callbacks()
+    for i, request in enumerate(zsre10[:3]):
+        strategy.edit(EditBatch([i], [request]))
+        for callback in callbacks:
+            callback.after_edit(strategy)
+    # shard 0 (edits 0-1) is closed and not merged yet; shard 1 holds edit 2 and is not merged into it
+    closed, open_shard = strategy.adapter.taus
+    torch.testing.assert_close(closed, strategy.shards[0])
+    torch.testing.assert_close(open_shard, strategy.tau.detach())
+    # the open shard's threshold comes from its own edit, scored right after training
+    (score,) = strategy.edit_scores(open_shard, strategy.shard_edits).tolist()
+    assert strategy.shard_min_score == pytest.approx(score, rel=1e-4)
+    scores = (strategy.closed_min_score, strategy.shard_min_score)
+    assert strategy.adapter.thresholds == [pytest.approx(strategy.act_ratio * score) for score in scores]
+
+
 def test_side_memories_save_and_load_round_trip(tiny, zsre10, tmp_path):
     model, tokenizer = tiny
     strategy = small_wise()
