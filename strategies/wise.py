@@ -84,6 +84,8 @@ class WISE(EditStrategy):
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
+        rehearse_shard: each edit also trains on the plain prompts of the open shard's earlier edits, so the
+            shard's edits do not overwrite each other (False: as in the paper).
         consolidate_steps: when a shard is full, train it this many more steps on all its edits together
             (their plain prompts, without context rows) and record their scores again for the threshold;
             edits made one after another overwrite each other in a shard, and this recovers them
@@ -131,6 +133,7 @@ class WISE(EditStrategy):
         negative_subjects: str = "bundled",
         retrieve: bool = False,
         replay: int = 0,
+        rehearse_shard: bool = False,
         consolidate_steps: int = 0,
         rescore_on_merge: bool = False,
         merge_consolidate_steps: int = 0,
@@ -168,6 +171,7 @@ class WISE(EditStrategy):
         self.negative_subjects = negative_subjects
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
+        self.rehearse_shard = rehearse_shard
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
         self.contexts: list[str] = []
 
@@ -263,8 +267,15 @@ class WISE(EditStrategy):
                 prompts.append(f"{context} {request.prompt}" if context else request.prompt)
                 targets.append(request.target)
                 context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
+        plain = slice(0, len(prompts), 1 + len(self.contexts))  # the new edits' rows without a context
+        if self.rehearse_shard:
+            prompts += [prompt for _, prompt, _ in self.shard_edits]
+            targets += [target for _, _, target in self.shard_edits]
+            context_lengths += [0] * len(self.shard_edits)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
-        self.shard_min_score = min(self.shard_min_score, scores[:: 1 + len(self.contexts)].min().item())
+        # rehearsed, every edit of the shard has just been scored again
+        current = torch.cat([scores[plain], scores[plain.stop :]]).min().item()
+        self.shard_min_score = current if self.rehearse_shard else min(self.shard_min_score, current)
         edits = [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
         self.memory_edits += edits
         self.shard_edits += edits

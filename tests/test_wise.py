@@ -322,6 +322,18 @@ def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_thr
     assert strategy.shard_edits == [] and strategy.closed_min_score == strategy.min_score
 
 
+def test_rehearse_shard_retrains_the_open_shards_earlier_edits_with_each_edit(tiny, zsre10, edit_prompts):
+    requests = zsre10[:3]
+    strategy = small_wise(rehearse_shard=True, edits_per_shard=3, n_iter=3)
+    strategy.prepare(*tiny)
+    edit_requests(strategy, requests)
+    # the third edit's rows: its own (plain and with contexts), then the two earlier plain prompts
+    rows = 1 + strategy.num_context
+    assert edit_prompts[-1][rows : rows + 2] == [r.prompt for r in requests[:2]]
+    scores = strategy.edit_scores(strategy.tau.detach(), strategy.shard_edits)
+    assert strategy.shard_min_score == pytest.approx(scores.min().item(), rel=1e-4)
+
+
 def test_rescore_on_merge_takes_the_threshold_from_the_merged_memory(tiny, zsre10):
     model, tokenizer = tiny
     requests = zsre10[:4]
