@@ -7,8 +7,9 @@ The default streams are 100 edits each: bundled ZsRE requests 200-299 through 90
 the ZsRE training-split sample (`zsre_train`, requests 0-99 and 100-199) and two CounterFact streams
 (records 0-99 and 100-199); settings are chosen on ZsRE requests 0-199, which none of them touches.
 `--single-edits N` adds N single-edit streams (T=1, each edited from the unedited model), half ZsRE
-requests 1000 on, half CounterFact records 1000 on. Each stream is one `wise-cl fit` run (see
-`compare.run_fit`: finished runs are skipped, interrupted ones resume), so the command can be
+requests 1000 on, half CounterFact records 1000 on; they run first. `results.json` holds the streams of
+one command, so give the single-edit streams and the others to the same command. Each stream is one
+`wise-cl fit` run (see `compare.run_fit`: finished runs are skipped, interrupted ones resume), so the command can be
 stopped and run again. Besides the final scores, each stream reports its forgetting curve's points
 (`--curve-at 90` reads the scores after 90 edits, off any merge boundary) and the lowest reliability
 from edit 20 on. Writes `results.json`, `results.md` and `curves.png` (every stream's curve) to `--out`.
@@ -193,7 +194,8 @@ def main() -> None:
     parser.add_argument("--routing", action="store_true", help="routing report per stream (WISE configs)")
     parser.add_argument("--out", type=Path, required=True)
     args, extra = parser.parse_known_args()
-    streams = (args.streams or DEFAULT_STREAMS) + single_edit_streams(args.single_edits)
+    # the cheap single-edit streams first; a stream named twice runs once
+    streams = list(dict.fromkeys(single_edit_streams(args.single_edits) + (args.streams or DEFAULT_STREAMS)))
     args.out.mkdir(parents=True, exist_ok=True)
     robustness(args.config, streams, args.out, [a for a in extra if a != "--"], args.curve_at, args.routing)
     print((args.out / "results.md").read_text())
