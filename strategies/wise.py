@@ -273,7 +273,7 @@ class WISE(EditStrategy):
             targets += [target for _, _, target in self.shard_edits]
             context_lengths += [0] * len(self.shard_edits)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
-        # rehearsed, every edit of the shard has just been scored again
+        # with rehearsal the rows hold every edit of the shard, so their minimum replaces the running one
         current = torch.cat([scores[plain], scores[plain.stop :]]).min().item()
         self.shard_min_score = current if self.rehearse_shard else min(self.shard_min_score, current)
         edits = [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
