@@ -31,9 +31,12 @@ def small_wise(**overrides) -> WISE:
     return WISE(**(config | overrides))
 
 
-def edit_requests(strategy, requests, start=0):
+def edit_requests(strategy, requests, start=0, lifecycle=False):
+    """Edit one request at a time; with `lifecycle`, run the memory callbacks after each, as the Trainer does."""
     for i, request in enumerate(requests, start):
         strategy.edit(EditBatch([i], [request]))
+        for callback in strategy.callbacks() if lifecycle else []:
+            callback.after_edit(strategy)
 
 
 def test_masked_gradient_leaves_entries_outside_the_shard_untouched(tiny, zsre10):
@@ -186,11 +189,7 @@ def test_early_stop_can_watch_the_editing_loss_alone(tiny, zsre10):
 def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
     strategy = small_wise(retrieve=True)
     strategy.prepare(*tiny)
-    callbacks = strategy.callbacks()
-    for i, request in enumerate(zsre10[:4]):
-        strategy.edit(EditBatch([i], [request]))
-        for callback in callbacks:
-            callback.after_edit(strategy)
+    edit_requests(strategy, zsre10[:4], lifecycle=True)
     # 4 edits, 2 per shard, 2 shards per merge -> one frozen memory, an empty active one
     assert len(strategy.frozen) == 1 and strategy.merged is None
     assert len(strategy.adapter.taus) == 1 and strategy.shard_index == 2
@@ -199,11 +198,7 @@ def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
 def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, zsre10):
     strategy = small_wise(edits_per_shard=2, shards_per_merge=2, n_iter=4)
     strategy.prepare(*tiny)
-    callbacks = strategy.callbacks()
-    for i, request in enumerate(zsre10[:3]):
-        strategy.edit(EditBatch([i], [request]))
-        for callback in callbacks:
-            callback.after_edit(strategy)
+    edit_requests(strategy, zsre10[:3], lifecycle=True)
     # shard 0 (edits 0-1) is closed and not merged yet; shard 1 holds edit 2 and is not merged into it
     closed, open_shard = strategy.adapter.taus
     torch.testing.assert_close(closed, strategy.shards[0])
@@ -292,10 +287,7 @@ def test_one_by_one_editing_runs_one_loop_per_request(tiny, zsre10, edit_prompts
 def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit_prompts):
     strategy = small_wise(retrieve=True, replay=1, edits_per_shard=1, shards_per_merge=1, n_iter=2)
     strategy.prepare(*tiny)
-    for i, request in enumerate(zsre10[:2]):
-        strategy.edit(EditBatch([i], [request]))
-        for callback in strategy.callbacks():
-            callback.after_edit(strategy)
+    edit_requests(strategy, zsre10[:2], lifecycle=True)
     assert strategy.replay_prompts == [zsre10[0].prompt, zsre10[1].prompt]
     assert edit_prompts[1][-1] == zsre10[0].prompt and zsre10[0].prompt not in edit_prompts[0][1:]
     assert len(strategy.adapter.taus) == 2
@@ -339,10 +331,7 @@ def test_rescore_on_merge_takes_the_threshold_from_the_merged_memory(tiny, zsre1
     requests = zsre10[:4]
     strategy = small_wise(rescore_on_merge=True, edits_per_shard=2, shards_per_merge=2, n_iter=4)
     strategy.prepare(model, tokenizer)
-    for i, request in enumerate(requests):
-        strategy.edit(EditBatch([i], [request]))
-        for callback in strategy.callbacks():
-            callback.after_edit(strategy)
+    edit_requests(strategy, requests, lifecycle=True)
     assert strategy.merged is not None and strategy.shards == []
     rows = teacher_forced_batch(tokenizer, [r.prompt for r in requests], [r.target for r in requests])
     scores = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.merged)
@@ -385,10 +374,7 @@ def test_calibration_texts_are_held_back_and_floor_every_memory_threshold(tiny, 
     strategy.prepare(model, tokenizer)
     held_back = strategy.calibration
     assert len(held_back) == 6 and not set(held_back) & set(strategy.irrelevant)
-    for i, request in enumerate(zsre10[:2]):
-        strategy.edit(EditBatch([i], [request]))
-        for callback in strategy.callbacks():
-            callback.after_edit(strategy)
+    edit_requests(strategy, zsre10[:2], lifecycle=True)
     # the held-back texts form one batch of their own, scored once, and join no training batch
     assert [rows for rows in edit_prompts if set(rows) & set(held_back)] == [held_back]
     rows = teacher_forced_batch(tokenizer, held_back, [""] * len(held_back))
@@ -408,10 +394,7 @@ def test_shared_directions_make_every_serving_memory_blind_to_them(tiny, zsre10)
     basis = strategy.basis
     assert basis.shape == (strategy.adapter.weight.shape[1], 4)
     torch.testing.assert_close(basis.T @ basis, torch.eye(4), atol=1e-5, rtol=0)
-    for i, request in enumerate(zsre10[:2]):
-        strategy.edit(EditBatch([i], [request]))
-        for callback in strategy.callbacks():
-            callback.after_edit(strategy)
+    edit_requests(strategy, zsre10[:2], lifecycle=True)
     assert len(strategy.adapter.taus) == 2
     for tau in strategy.adapter.taus:
         assert tau.abs().max() > 0 and (tau @ basis).abs().max() < 1e-4 * tau.abs().max()
