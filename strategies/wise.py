@@ -385,6 +385,7 @@ class WISE(EditStrategy):
         self.mask = self._shard_mask(self.shard_index)
         with torch.no_grad():
             self.tau.zero_()
+        self._publish()
 
     def group_full(self) -> bool:
         return len(self.shards) >= self.shards_per_merge
@@ -439,7 +440,7 @@ class WISE(EditStrategy):
         before its group is complete, as in the paper's code)."""
         memories = list(self.frozen)
         parts = [(self._consolidated(), self.closed_min_score)]
-        parts += [(self.tau.detach(), self.shard_min_score)] if self.shard_edits else []
+        parts += [(self.tau.detach().clone(), self.shard_min_score)] if self.shard_edits else []
         for tau, score in parts:
             if tau is not None:
                 tau = project_out(tau, self.basis)

@@ -198,7 +198,11 @@ def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
 def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, zsre10):
     strategy = small_wise(edits_per_shard=2, shards_per_merge=2, n_iter=4)
     strategy.prepare(*tiny)
-    edit_requests(strategy, zsre10[:3], lifecycle=True)
+    edit_requests(strategy, zsre10[:2], lifecycle=True)
+    # right after shard 0 closes, it serves alone (the emptied open shard does not)
+    (served,) = strategy.adapter.taus
+    torch.testing.assert_close(served, strategy.shards[0])
+    edit_requests(strategy, zsre10[2:3], start=2, lifecycle=True)
     # shard 0 (edits 0-1) is closed and not merged yet; shard 1 holds edit 2 and is not merged into it
     closed, open_shard = strategy.adapter.taus
     torch.testing.assert_close(closed, strategy.shards[0])
