@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wise_cl.benchmarks.compare import code_version
-from wise_cl.models import load_model
-from wise_cl.records import read_requests
-from wise_cl.strategies.wise import SHARED_DIRECTION_TEXTS, WISE
+from wise_cl import WISE, load_model, read_requests
+from wise_cl.provenance import code_version
+from wise_cl.strategies.wise import SHARED_DIRECTION_TEXTS
 
 
 def mean_activations(strategy: WISE, prompts: list[str], answers: list[str]) -> Tensor:

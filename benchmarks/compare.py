@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wise_cl.callbacks import plot_curves
+from wise_cl.plotting import plot_curves
 
 SCORES = ("reliability", "generalization", "locality", "exact_match", "edit_seconds_median")
 
@@ -30,18 +30,6 @@ SCORES = ("reliability", "generalization", "locality", "exact_match", "edit_seco
 def strategy_name(config: Path) -> str:
     """`configs/zsre_wise_retrieve.yaml` -> `wise_retrieve`."""
     return config.stem.split("_", 1)[-1]
-
-
-def code_version() -> str:
-    """The git commit the benchmark ran on, `+dirty` when tracked files differed from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.strip() + ("+dirty" if dirty.strip() else "")
 
 
 def run_fit(config: Path, folder: Path, args: list[str]) -> dict[str, Any]:

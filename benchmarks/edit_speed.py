@@ -23,11 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from wise_cl import WISE, EditBatch, load_model, read_requests
 from wise_cl.benchmarks.sweep import key_values
-from wise_cl.data import EditBatch
-from wise_cl.models import load_model
-from wise_cl.records import read_requests
-from wise_cl.strategies.wise import WISE
 
 
 def timed_edit(strategy: WISE, batch: EditBatch) -> dict:
@@ -42,7 +39,7 @@ def timed_stream(model_name: str, settings: dict, requests: list, plain_every: i
     timed with the plain loop from the same state. Seconds and steps per edit, for both loops."""
     strategy = WISE(**settings)
     strategy.prepare(*load_model(model_name))
-    strategy.contexts = strategy._generate_contexts()  # generated once, outside the timed edits
+    strategy.contexts = strategy.generate_contexts()  # generated once, outside the timed edits
     callbacks, n_iter = strategy.callbacks(), strategy.n_iter
     cached, plain = [], []
     for i, request in enumerate(requests):

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wise_cl.benchmarks.compare import code_version, run_fit
+from wise_cl.benchmarks.compare import run_fit
 from wise_cl.benchmarks.routing import routing_report
-from wise_cl.callbacks import plot_curves
+from wise_cl.plotting import plot_curves
+from wise_cl.provenance import code_version
 
 QUALITY = ("reliability", "generalization", "locality", "exact_match")
 ROUTING = ("forced_reliability", "routed_to_holder")  # from the routing report, with --routing

@@ -23,13 +23,12 @@ import torch
 import yaml
 from torch import Tensor
 
+from wise_cl import WISE, load_model, read_requests
 from wise_cl.editing_forward import CachedForward
-from wise_cl.evaluation import predict_answers, teacher_forced_batch
+from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import per_request_mean
-from wise_cl.models import load_model
-from wise_cl.records import read_requests
+from wise_cl.rows import teacher_forced_batch
 from wise_cl.side_memory import MAIN, route
-from wise_cl.strategies.wise import WISE
 
 
 def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
@@ -73,9 +72,10 @@ def accuracy(strategy: WISE, prompts: list[str], answers: list[str], reference: 
 def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
     """Per request, the index of the serving memory that holds it: the frozen memories' blocks, then the
     current memory's closed part and its open shard (None if the stream was not edited one block at a time)."""
-    open_shard = len(strategy.shard_edits)
-    blocks = [strategy.edits_per_shard * strategy.shards_per_merge] * len(strategy.frozen)
-    blocks += [count for count in (len(strategy.memory_edits) - open_shard, open_shard) if count]
+    memory = strategy.memory
+    open_shard = len(memory.shard_edits)
+    blocks = [strategy.edits_per_shard * strategy.shards_per_merge] * len(memory.frozen)
+    blocks += [count for count in (len(memory.edits) - open_shard, open_shard) if count]
     if sum(blocks) != num_requests:
         return None
     return torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks, dtype=torch.long))
@@ -90,10 +90,10 @@ def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: 
         for m, tau in enumerate(taus):
             held = (holder == m).nonzero().squeeze(1).tolist()
             if held:
-                adapter.taus, adapter.thresholds = [tau], [-float("inf")]
+                adapter.serve([tau], [-float("inf")])
                 correct[held] = accuracy(strategy, *([pairs[k][i] for i in held] for k in range(2)))
     finally:
-        adapter.taus, adapter.thresholds = taus, thresholds
+        adapter.serve(taus, thresholds)
     return float(correct.mean())
 
 
@@ -141,7 +141,7 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
     rows = []
     for ratio in act_ratios or [strategy.act_ratio]:
         strategy.act_ratio = ratio
-        strategy._publish()
+        strategy.publish()
         thresholds = torch.tensor(strategy.adapter.thresholds)
         row: dict[str, Any] = {"act_ratio": ratio, "thresholds": [round(t, 2) for t in thresholds.tolist()]}
         for name, pairs in sets.items():

@@ -5,7 +5,9 @@ python -m wise_cl.benchmarks.sweep --config configs/zsre_wise.yaml --num-edits 3
     --out benchmarks/results/sweep_wise
 
 Each variant sets `model.strategy.init_args.<key>=<value>` on top of the config and is one
-`wise-cl fit` run per chunk (see `compare.py`: finished runs are skipped, interrupted ones resume).
+`wise-cl fit` run per chunk (see `compare.py`: finished runs are skipped, interrupted ones resume),
+under `tensorboard/v<n>/`; `variants.json` records which variant each `v<n>` is (a variant keeps its
+number across reruns, a new one takes the next).
 `--chunks 0 1` scores every variant on requests 0..T-1 and on the held-out T..2T-1.
 """
 
@@ -33,6 +35,31 @@ def variant_args(variant: str) -> list[str]:
     return [f"--model.strategy.init_args.{key}={value}" for key, value in key_values(variant.split(), "--variant")]
 
 
+def run_names(out: Path, variants: list[str]) -> dict[str, str]:
+    """The run folder name of each variant (`v1`, `v2`, ...), kept in `out/variants.json`."""
+    path = out / "variants.json"
+    names: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    taken = {int(name[1:]) for name in names.values()}
+    for variant in variants:
+        if variant not in names:
+            number = max(taken, default=0) + 1
+            names[variant], taken = f"v{number}", taken | {number}
+    path.write_text(json.dumps(names, indent=1) + "\n")
+    return names
+
+
+def write_results(out: Path, command: str, rows: list[dict]) -> str:
+    """`sweep.json` and `sweep.md` (one row per variant and chunk); the table."""
+    (out / "sweep.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    lines = ["| variant | run | chunk | Rel. | Gen. | Loc. | EM | s/edit |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| `{row['variant']}` | {row.get('run', '-')} | {row.get('chunk', 0)} | " + " | ".join(score_cells(row)) + " |"
+        for row in rows
+    ]
+    (out / "sweep.md").write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -42,19 +69,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    names = run_names(args.out, args.variant)
     rows = []
     for variant in args.variant:
-        label = variant.replace("model.layers.", "L").replace(".mlp.down_proj", "").replace(" ", "_")
         for chunk in args.chunks:
-            result = run_chunk(args.config, label, args.num_edits, chunk, args.out, variant_args(variant))
-            rows.append({"variant": variant, "chunk": chunk, **{k: result.get(k) for k in SCORES}})
+            result = run_chunk(args.config, names[variant], args.num_edits, chunk, args.out, variant_args(variant))
+            row = {"variant": variant, "run": names[variant], "chunk": chunk, "commit": result.get("commit")}
+            rows.append(row | {k: result.get(k) for k in SCORES})
             print(json.dumps(rows[-1]), flush=True)
     command = "python -m wise_cl.benchmarks.sweep " + shlex.join(sys.argv[1:])
-    (args.out / "sweep.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    lines = ["| variant | chunk | Rel. | Gen. | Loc. | EM | s/edit |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| `{row['variant']}` | {row['chunk']} | " + " | ".join(score_cells(row)) + " |" for row in rows]
-    (args.out / "sweep.md").write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results(args.out, command, rows))
 
 
 if __name__ == "__main__":

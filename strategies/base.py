@@ -8,6 +8,8 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
+from wise_cl.records import read_irrelevant_prompts
+from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory
 
 
 class EditStrategy(ABC):
@@ -38,3 +40,25 @@ class EditStrategy(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned, on a model prepared the same way."""
+
+
+class LinearEditStrategy(EditStrategy):
+    """A method that edits one Linear layer (`self.layer`) through a `SideMemoryLinear` adapter; the base
+    weight is never written, so `detach` gives back the unedited model.
+
+    Subclasses set `adapter_cls` for another route decision or output, and `irrelevant_source` when they
+    train against irrelevant texts (read into `self.irrelevant` by `prepare`).
+    """
+
+    adapter_cls: type[SideMemoryLinear] = SideMemoryLinear
+    layer: str
+    irrelevant_source: str | None = None
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().prepare(model, tokenizer)
+        self.irrelevant = read_irrelevant_prompts(self.irrelevant_source) if self.irrelevant_source else []
+        self.adapter = attach_side_memory(model, self.layer, self.adapter_cls)
+
+    def detach(self) -> None:
+        """Remove the adapter; the model is the unedited one again."""
+        detach_side_memory(self.model, self.layer)

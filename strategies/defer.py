@@ -16,8 +16,9 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, optimise_delta
-from wise_cl.evaluation import TeacherForcedBatch
+from wise_cl.editing_forward import CachedForward
+from wise_cl.optimisation import optimise
+from wise_cl.rows import TeacherForcedBatch
 from wise_cl.side_memory import MAIN, SideMemoryLinear
 from wise_cl.strategies.finetune import FineTune, require
 
@@ -94,7 +95,7 @@ class DEFER(FineTune):
         def loss_fn(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
             return {"loss": F.binary_cross_entropy_with_logits(logits, targets)}
 
-        self.classifier_stats = optimise_delta(
+        self.classifier_stats = optimise(
             lambda w: (deferral_logits(w, activation, mask), labels),
             classifier,
             loss_fn,

@@ -1,7 +1,7 @@
 """FT-L and FT-EWC: fine-tune one FFN projection on the edits, optionally with EWC across the stream.
 
 Fine-tuning is served as a side memory without a router: the change to the weight is a task
-vector `delta` (W' = W + delta) that `SideMemoryLinear` adds for every sequence (threshold -inf).
+vector `tau` (W' = W + tau) that `SideMemoryLinear` adds for every sequence (threshold -inf).
 The base weight is never written, so `detach` gives back the unedited model.
 """
 
@@ -16,11 +16,10 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, edit_nll, optimise_delta
-from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
-from wise_cl.records import read_irrelevant_prompts
-from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory
-from wise_cl.strategies.base import EditStrategy
+from wise_cl.editing_forward import CachedForward
+from wise_cl.optimisation import edit_nll, optimise
+from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
+from wise_cl.strategies.base import LinearEditStrategy
 
 
 def require(condition: bool, field: str, expected: str, value: Any) -> None:
@@ -68,7 +67,7 @@ class EWCPenalty:
         self.fisher, self.anchor = state["fisher"], state["anchor"]
 
 
-class FineTune(EditStrategy):
+class FineTune(LinearEditStrategy):
     """FT-L: fine-tune one Linear layer on each experience's edits, with a KL term on unrelated text.
 
     The loss is the target tokens' NLL on the edit rows plus `kl_weight` times
@@ -87,7 +86,6 @@ class FineTune(EditStrategy):
     """
 
     name = "ft"
-    adapter_cls: type[SideMemoryLinear] = SideMemoryLinear
 
     def __init__(
         self,
@@ -106,13 +104,7 @@ class FineTune(EditStrategy):
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)
-        self.irrelevant = read_irrelevant_prompts(self.irrelevant_source)
-        self.adapter = attach_side_memory(model, self.layer, self.adapter_cls)
-        self.delta = torch.zeros_like(self.adapter.weight, requires_grad=True)
-
-    def detach(self) -> None:
-        """Remove the adapter; the model is the unedited one again."""
-        detach_side_memory(self.model, self.layer)
+        self.tau = torch.zeros_like(self.adapter.weight, requires_grad=True)
 
     # editing ------------------------------------------------------------------------------------
 
@@ -131,7 +123,7 @@ class FineTune(EditStrategy):
         reference = None
         if self.kl_weight > 0 and unrelated.any():
             with torch.no_grad():
-                reference = forward(torch.zeros_like(self.delta))[0][unrelated].float().log_softmax(-1)
+                reference = forward(torch.zeros_like(self.tau))[0][unrelated].float().log_softmax(-1)
 
         def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
             losses = {"edit_loss": edit_nll(logits, rows, n_edit).mean()}
@@ -144,13 +136,13 @@ class FineTune(EditStrategy):
                 losses[name], total = penalty, total + penalty
             return {"loss": total, **losses}
 
-        stats = optimise_delta(forward, self.delta, loss_fn, self.lr, self.n_iter, self.early_stop_loss)
+        stats = optimise(forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss)
         self.after_training(forward, rows, n_edit)
         self.publish()
         return stats
 
     def penalties(self) -> dict[str, Tensor]:
-        """Further loss terms on `delta` (named for the logs); none for plain fine-tuning."""
+        """Further loss terms on `tau` (named for the logs); none for plain fine-tuning."""
         return {}
 
     def after_training(self, forward: CachedForward, rows: TeacherForcedBatch, n_edit: int) -> None:
@@ -158,20 +150,19 @@ class FineTune(EditStrategy):
 
     def publish(self) -> None:
         """Serve the weight change to every sequence: a side memory that always answers."""
-        self.adapter.taus = [self.delta.detach()]
-        self.adapter.thresholds = [-math.inf]
+        self.adapter.serve([self.tau.detach()], [-math.inf])
 
     def describe(self) -> dict[str, Any]:
-        return {"layer": self.layer, "kl_weight": self.kl_weight, "delta_norm": float(self.delta.detach().norm())}
+        return {"layer": self.layer, "kl_weight": self.kl_weight, "tau_norm": float(self.tau.detach().norm())}
 
     # checkpoints --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"delta": self.delta.detach().clone()}
+        return {"tau": self.tau.detach().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
-            self.delta.copy_(state["delta"])
+            self.tau.copy_(state["tau"])
         self.publish()
 
 
@@ -200,17 +191,17 @@ class EWC(FineTune):
         self.ewc = EWCPenalty(ewc_lambda, decay, max_curvature=1 / self.lr)
 
     def penalties(self) -> dict[str, Tensor]:
-        return {"ewc": self.ewc(self.delta)}
+        return {"ewc": self.ewc(self.tau)}
 
     def after_training(self, forward: CachedForward, rows: TeacherForcedBatch, n_edit: int) -> None:
-        self.ewc.consolidate(self.delta, self.fisher(forward, rows, n_edit))
+        self.ewc.consolidate(self.tau, self.fisher(forward, rows, n_edit))
 
     def fisher(self, forward: CachedForward, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
         """Diagonal empirical Fisher of the edit NLL at the current weights: mean squared per-edit gradient."""
-        losses = edit_nll(forward(self.delta)[0], rows, n_edit)
-        fisher = torch.zeros_like(self.delta)
+        losses = edit_nll(forward(self.tau)[0], rows, n_edit)
+        fisher = torch.zeros_like(self.tau)
         for i, loss in enumerate(losses):
-            (grad,) = torch.autograd.grad(loss, self.delta, retain_graph=i + 1 < len(losses))
+            (grad,) = torch.autograd.grad(loss, self.tau, retain_graph=i + 1 < len(losses))
             fisher += grad.pow(2)
         return fisher / n_edit
 

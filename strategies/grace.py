@@ -16,10 +16,11 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, edit_nll, optimise_delta
-from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
-from wise_cl.side_memory import MAIN, SideMemoryLinear, attach_side_memory, detach_side_memory
-from wise_cl.strategies.base import EditStrategy
+from wise_cl.editing_forward import CachedForward
+from wise_cl.optimisation import edit_nll, optimise
+from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
+from wise_cl.side_memory import MAIN, SideMemoryLinear
+from wise_cl.strategies.base import LinearEditStrategy
 from wise_cl.strategies.finetune import require
 
 
@@ -88,7 +89,7 @@ class ValueForward(CachedForward):
         self.activation = self.replaced * selector.to(self.replaced)[:, None, :]
 
 
-class GRACE(EditStrategy):
+class GRACE(LinearEditStrategy):
     """GRACE: a codebook adaptor at one Linear layer; base weights stay frozen.
 
     Each edit's key is the layer input at its last prompt token. A key farther than its nearest
@@ -107,6 +108,8 @@ class GRACE(EditStrategy):
     """
 
     name = "grace"
+    adapter_cls = GraceLinear
+    adapter: GraceLinear
 
     def __init__(
         self,
@@ -124,13 +127,8 @@ class GRACE(EditStrategy):
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)
-        self.adapter: GraceLinear = attach_side_memory(model, self.layer, GraceLinear)  # type: ignore[assignment]
         self.keys, self.values, self.radii = self.adapter.keys, self.adapter.values, self.adapter.radii
         self.targets: list[str] = []
-
-    def detach(self) -> None:
-        """Remove the codebook; the model is the unedited one again."""
-        detach_side_memory(self.model, self.layer)
 
     def edit(self, batch: EditBatch) -> dict[str, float]:
         rows = teacher_forced_batch(
@@ -148,7 +146,7 @@ class GRACE(EditStrategy):
         def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
             return {"loss": edit_nll(logits, rows, len(batch)).mean()}
 
-        stats = optimise_delta(forward, values, loss_fn, self.lr, self.n_iter, self.early_stop_loss)
+        stats = optimise(forward, values, loss_fn, self.lr, self.n_iter, self.early_stop_loss)
         self.values[trained] = values.detach().T
         self.publish()
         return {**stats, "codebook_size": len(self.keys)}

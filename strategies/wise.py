@@ -1,4 +1,9 @@
-"""WISE (arXiv 2405.14768): side memory, activation routing, knowledge sharding, merging, retrieval."""
+"""WISE (arXiv 2405.14768): edit a side copy of one FFN projection, route each sequence by activation score.
+
+This file is the method: the rows an edit trains on, its losses (editing NLL plus the activation margins)
+and the lifecycle steps the callbacks run. The side memory's book-keeping (shards, merge, WISE-Retrieve's
+frozen memories, what serves) is `wise_cl.strategies.wise_memory.ShardedMemory`.
+"""
 
 from __future__ import annotations
 
@@ -15,30 +20,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import (
-    CachedForward,
-    FullForward,
-    ProjectedForward,
-    edit_nll,
-    optimise_delta,
-    project_out,
-)
-from wise_cl.evaluation import TeacherForcedBatch, teacher_forced_batch
-from wise_cl.merging import MERGE_METHODS, merge_task_vectors
-from wise_cl.records import read_irrelevant_prompts, read_subjects
-from wise_cl.side_memory import (
-    SideMemoryLinear,
-    attach_side_memory,
-    detach_side_memory,
-    save_side_memories,
-)
-from wise_cl.strategies.base import EditStrategy
+from wise_cl.editing_forward import CachedForward, FullForward, ProjectedForward
+from wise_cl.merging import MERGE_METHODS
+from wise_cl.optimisation import edit_nll, optimise
+from wise_cl.records import read_subjects
+from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
+from wise_cl.side_memory import save_side_memories
+from wise_cl.strategies.base import LinearEditStrategy
+from wise_cl.strategies.wise_memory import Edit, ShardedMemory
 
 SHARED_DIRECTION_TEXTS = 500  # irrelevant texts whose activations give the shared input directions
 CONTEXT_SEEDS = ("I", "You", "Because", "Yes", "So", "The", "When", "It", "We", "In")
 
 
-class WISE(EditStrategy):
+class WISE(LinearEditStrategy):
     """Edit a side copy of one FFN projection; route each sequence to it by activation score.
 
     Args:
@@ -179,44 +174,38 @@ class WISE(EditStrategy):
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)
-        texts = read_irrelevant_prompts(self.irrelevant_source)
-        if self.calibration_texts >= len(texts):
+        if self.calibration_texts >= len(self.irrelevant):
             raise ValueError(
                 f"strategy.calibration_texts: {self.calibration_texts} held back, but irrelevant_source"
-                f" '{self.irrelevant_source}' holds {len(texts)} texts and training needs some"
+                f" '{self.irrelevant_source}' holds {len(self.irrelevant)} texts and training needs some"
             )
-        self.irrelevant = texts[: len(texts) - self.calibration_texts]
-        self.calibration = texts[len(texts) - self.calibration_texts :]
+        cut = len(self.irrelevant) - self.calibration_texts
+        self.irrelevant, self.calibration = self.irrelevant[:cut], self.irrelevant[cut:]
         # built on first use, kept: the main memory never changes
         self.calibration_forward: FullForward | ProjectedForward | None = None
-        self.adapter: SideMemoryLinear = attach_side_memory(model, self.layer)
         self.basis = self.principal_directions(self.irrelevant[:SHARED_DIRECTION_TEXTS], self.shared_directions)
-        weight = self.adapter.weight
-        self.tau = torch.zeros_like(weight, requires_grad=True)
-        self.shards: list[Tensor] = []  # finished shards of the current memory, not merged yet
-        self.merged: Tensor | None = None  # merge of the current memory's earlier groups
-        self.frozen: list[tuple[Tensor, float, float]] = []  # WISE-Retrieve: finished memories, min score, floor
-        self.closed_min_score = math.inf  # smallest score among the edits of the memory's closed shards
-        self.shard_min_score = math.inf  # smallest score among the open shard's edits
-        self.shard_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the open shard's edits
-        self.memory_edits: list[tuple[int, str, str]] = []  # (index, prompt, target) of the memory's edits
-        self.replay_prompts: list[str] = []  # prompts of the edits frozen memories hold
+        self.memory = ShardedMemory(
+            self.adapter.weight,
+            self.edits_per_shard,
+            self.shards_per_merge,
+            self.mask_ratio,
+            self.merge_method,
+            self.merge_density,
+            self.prior_merge_weight,
+            self.basis,
+            self.threshold_floor,
+            self.seed,
+        )
         self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
-        self.negatives: dict[int, list[str]] = {}  # subject-swapped prompts of the memory's edits
-        self.shard_index = 0
-        self.mask = self._shard_mask(0)
+        self.negatives: dict[int, list[str]] = {}  # subject-swapped prompts of the current memory's edits
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
 
     def save_side_memories(self, path: str | Path) -> None:
         """Write the serving side memories alone (safetensors); see `load_side_memories`."""
         save_side_memories(self.adapter, path, self.layer)
 
-    def detach(self) -> None:
-        """Remove the side memory; the model is the unedited one again."""
-        detach_side_memory(self.model, self.layer)
-
     @torch.no_grad()
-    def _generate_contexts(self) -> list[str]:
+    def generate_contexts(self) -> list[str]:
         """Short texts the unedited model writes after seeds like "I" or "Because" (sampled, seeded)."""
         texts = []
         with torch.random.fork_rng():
@@ -247,11 +236,6 @@ class WISE(EditStrategy):
         values, vectors = torch.linalg.eigh(tokens.T @ tokens)
         return vectors[:, values.argsort(descending=True)[:count]].to(self.adapter.weight.dtype)
 
-    def _shard_mask(self, index: int) -> Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
-        mask = torch.rand(self.adapter.weight.shape, generator=generator) < self.mask_ratio
-        return mask.to(self.adapter.weight.device, self.adapter.weight.dtype)
-
     # editing ------------------------------------------------------------------------------------
 
     def edit(self, batch: EditBatch) -> dict[str, float]:
@@ -259,7 +243,7 @@ class WISE(EditStrategy):
             stats = [self.edit(EditBatch([i], [r])) for i, r in zip(batch.indices, batch.requests, strict=True)]
             return {name: statistics.fmean(s[name] for s in stats) for name in stats[0]}
         if len(self.contexts) < self.num_context:
-            self.contexts = self._generate_contexts()
+            self.contexts = self.generate_contexts()
         prompts, targets, context_lengths = [], [], []
         for index, request in zip(batch.indices, batch.requests, strict=True):
             self._add_negatives(index, request.prompt, request.subject)
@@ -268,21 +252,21 @@ class WISE(EditStrategy):
                 targets.append(request.target)
                 context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
         plain = slice(0, len(prompts), 1 + len(self.contexts))  # the new edits' rows without a context
+        memory = self.memory
         if self.rehearse_shard:
-            prompts += [prompt for _, prompt, _ in self.shard_edits]
-            targets += [target for _, _, target in self.shard_edits]
-            context_lengths += [0] * len(self.shard_edits)
+            prompts += [edit.prompt for edit in memory.shard_edits]
+            targets += [edit.target for edit in memory.shard_edits]
+            context_lengths += [0] * len(memory.shard_edits)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
         # with rehearsal the rows hold every edit of the shard, so their minimum replaces the running one
         current = torch.cat([scores[plain], scores[plain.stop :]]).min().item()
-        self.shard_min_score = current if self.rehearse_shard else min(self.shard_min_score, current)
-        edits = [(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
-        self.memory_edits += edits
-        self.shard_edits += edits
-        if self.consolidate_steps and self.shard_full():
-            stats["consolidation_steps"], scores = self.consolidate(self.shard_edits, self.consolidate_steps)
-            self.shard_min_score = scores.min().item()
-        self._publish()
+        shard_min_score = current if self.rehearse_shard else min(memory.shard_min_score, current)
+        edits = [Edit(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
+        memory.add(edits, shard_min_score)
+        if self.consolidate_steps and memory.shard_full():
+            stats["consolidation_steps"], scores = self.consolidate(memory.shard_edits, self.consolidate_steps)
+            memory.shard_min_score = scores.min().item()
+        self.publish()
         return stats
 
     def _add_negatives(self, index: int, prompt: str, subject: str | None) -> None:
@@ -294,7 +278,7 @@ class WISE(EditStrategy):
         self.negatives[index] = [prompt.replace(subject, other) for other in chosen]
 
     def consolidate(
-        self, edits: list[tuple[int, str, str]], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None
+        self, edits: list[Edit], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None
     ) -> tuple[int, Tensor]:
         """Train `tau` (default the open shard's, in its mask) on `edits` together, plain prompts only;
         the steps taken and the edits' scores afterwards."""
@@ -315,11 +299,11 @@ class WISE(EditStrategy):
         """Train `tau` (default the open shard's, in its mask) on the edit rows (prompt -> target) against
         the irrelevant samples of `indices` and the replayed prompts; the loop's statistics and the edit
         rows' scores afterwards."""
-        tau, mask = (self.tau, self.mask) if tau is None else (tau, mask)
+        tau, mask = (self.memory.tau, self.memory.mask) if tau is None else (tau, mask)
         n = self.num_irrelevant
         irrelevant = [self.irrelevant[(i * n + j) % len(self.irrelevant)] for i in indices for j in range(n)]
         irrelevant += [negative for i in indices for negative in self.negatives.get(i, [])]
-        irrelevant += self.replay_prompts[-self.replay :] if self.replay else []
+        irrelevant += self.memory.replay_prompts[-self.replay :] if self.replay else []
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
         )
@@ -336,7 +320,7 @@ class WISE(EditStrategy):
             loss = edit_loss + self.act_loss_weight * act_loss
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 
-        stats = optimise_delta(forward, tau, loss_fn, self.lr, n_iter, self.early_stop_loss, mask, self.early_stop_on)
+        stats = optimise(forward, tau, loss_fn, self.lr, n_iter, self.early_stop_loss, mask, self.early_stop_on)
         return stats, forward.scores(tau)[:n_edit]
 
     def _forward(
@@ -349,7 +333,7 @@ class WISE(EditStrategy):
         return forward if self.basis is None else ProjectedForward(forward, self.basis)
 
     @torch.no_grad()
-    def edit_scores(self, tau: Tensor, edits: list[tuple[int, str, str]], batch_size: int = 32) -> Tensor:
+    def edit_scores(self, tau: Tensor, edits: list[Edit], batch_size: int = 32) -> Tensor:
         """The activation score of each edit (index, prompt, target) under `tau`."""
         scores = []
         for start in range(0, len(edits), batch_size):
@@ -367,63 +351,44 @@ class WISE(EditStrategy):
             + F.relu(self.beta - edit_scores).mean()
         )
 
-    # memory management (called by the callbacks in wise_cl.callbacks) ----------------------------
-
-    @property
-    def min_score(self) -> float:
-        """The smallest edit score the current memory holds (closed shards and open shard)."""
-        return min(self.closed_min_score, self.shard_min_score)
+    # memory lifecycle (run by the callbacks in wise_cl.callbacks) ---------------------------------
 
     def shard_full(self) -> bool:
-        return len(self.shard_edits) >= self.edits_per_shard
+        return self.memory.shard_full()
 
     def close_shard(self) -> None:
-        """Keep the finished shard for merging; the next edits train a new random subspace from W."""
-        self.shards.append(self.tau.detach().clone())
-        self.closed_min_score, self.shard_min_score, self.shard_edits = self.min_score, math.inf, []
-        self.shard_index += 1
-        self.mask = self._shard_mask(self.shard_index)
-        with torch.no_grad():
-            self.tau.zero_()
-        self._publish()
+        """Keep the finished shard for merging; the next edits train a new random subspace."""
+        self.memory.close_shard()
+        self.publish()
 
     def group_full(self) -> bool:
-        return len(self.shards) >= self.shards_per_merge
+        return self.memory.group_full()
 
     def merge(self) -> None:
-        """Merge the finished shards (and the earlier merged memory) into one side memory."""
-        self.merged = self._consolidated()
-        self.shards = []
-        if self.merge_consolidate_steps and self.memory_edits:
-            merged = self.merged.clone().requires_grad_(True)
-            mask = (self.merged != 0).to(self.mask.dtype)
-            _, scores = self.consolidate(self.memory_edits, self.merge_consolidate_steps, merged, mask)
-            self.merged = merged.detach()
-            self.closed_min_score = scores.min().item()
-        elif self.rescore_on_merge and self.memory_edits:
-            self.closed_min_score = self.edit_scores(self.merged, self.memory_edits).min().item()
-        self._publish()
+        """Merge the closed shards into the side memory; optionally retrain or re-score it after."""
+        memory = self.memory
+        memory.merge()
+        if self.merge_consolidate_steps and memory.edits:
+            merged = memory.merged.clone().requires_grad_(True)
+            mask = (memory.merged != 0).to(memory.mask.dtype)
+            _, scores = self.consolidate(memory.edits, self.merge_consolidate_steps, merged, mask)
+            memory.merged = merged.detach()
+            memory.closed_min_score = scores.min().item()
+        elif self.rescore_on_merge and memory.edits:
+            memory.closed_min_score = self.edit_scores(memory.merged, memory.edits).min().item()
+        self.publish()
+
+    def memory_complete(self) -> bool:
+        """WISE-Retrieve: the current memory has been merged, so it is ready to freeze."""
+        return self.retrieve and self.memory.merged is not None
 
     def spawn(self) -> None:
         """WISE-Retrieve: freeze the merged memory with its threshold and start an empty one."""
-        if self.merged is None:
+        if self.memory.merged is None:
             return
-        frozen = project_out(self.merged, self.basis)
-        self.frozen.append((frozen, self.min_score, self.threshold_floor(frozen)))
-        self.merged, self.closed_min_score, self.shard_min_score = None, math.inf, math.inf
-        self.replay_prompts += [prompt for _, prompt, _ in self.memory_edits]
-        self.memory_edits, self.negatives = [], {}
-        self._publish()
-
-    def _consolidated(self) -> Tensor | None:
-        """The merged memory with the closed shards merged in (None before the first shard closes)."""
-        if self.merged is None and len(self.shards) <= 1:
-            return self.shards[0].clone() if self.shards else None
-        taus = ([self.merged] if self.merged is not None else []) + self.shards
-        weights = ([self.prior_merge_weight] if self.merged is not None else []) + [1.0] * len(self.shards)
-        return merge_task_vectors(
-            taus, self.merge_method, self.merge_density, weights, seed=self.seed + self.shard_index
-        )
+        self.memory.spawn()
+        self.negatives = {}
+        self.publish()
 
     def threshold_floor(self, tau: Tensor) -> float:
         """`calibration_quantile` of the memory's scores on the held-back irrelevant texts (-inf if none)."""
@@ -434,19 +399,11 @@ class WISE(EditStrategy):
             self.calibration_forward = self._forward(rows.to(self.model.device))
         return torch.quantile(self.calibration_forward.scores(tau).float(), self.calibration_quantile).item()
 
-    def _publish(self) -> None:
-        """Hand the serving side memories and their thresholds to the adapter: the frozen memories, the
-        current memory's closed part and its open shard, each routed on its own (the open shard is not merged
-        before its group is complete, as in the paper's code)."""
-        memories = list(self.frozen)
-        parts = [(self._consolidated(), self.closed_min_score)]
-        parts += [(self.tau.detach().clone(), self.shard_min_score)] if self.shard_edits else []
-        for tau, score in parts:
-            if tau is not None:
-                tau = project_out(tau, self.basis)
-                memories.append((tau, score, self.threshold_floor(tau)))
-        self.adapter.taus = [tau for tau, _, _ in memories]
-        self.adapter.thresholds = [max(self.act_ratio * score, floor) for _, score, floor in memories]
+    def publish(self) -> None:
+        """Serve the memory's task vectors with their thresholds (`act_ratio` of each one's smallest edit
+        score, at least its floor)."""
+        serving = self.memory.serving()
+        self.adapter.serve([m.tau for m in serving], [m.threshold(self.act_ratio) for m in serving])
 
     def callbacks(self) -> list[Any]:
         memory = [KnowledgeSharding(), KnowledgeMerging()]
@@ -458,36 +415,10 @@ class WISE(EditStrategy):
     # checkpoints --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "tau": self.tau.detach().clone(),
-            "shards": list(self.shards),
-            "merged": self.merged,
-            "frozen": [tau for tau, _, _ in self.frozen],
-            "frozen_min_scores": [score for _, score, _ in self.frozen],
-            "closed_min_score": self.closed_min_score,
-            "shard_min_score": self.shard_min_score,
-            "shard_edits": list(self.shard_edits),
-            "shard_index": self.shard_index,
-            "contexts": list(self.contexts),
-            "memory_edits": list(self.memory_edits),
-            "replay_prompts": list(self.replay_prompts),
-            "negatives": dict(self.negatives),
-        }
+        return {**self.memory.state_dict(), "contexts": list(self.contexts), "negatives": dict(self.negatives)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            self.tau.copy_(state["tau"])
-        self.shards, self.merged = list(state["shards"]), state["merged"]
-        self.frozen = [
-            (tau, score, self.threshold_floor(tau))
-            for tau, score in zip(state["frozen"], state["frozen_min_scores"], strict=True)
-        ]
+        self.memory.load_state_dict(state)
         self.contexts = list(state["contexts"])
-        self.closed_min_score, self.shard_min_score = state["closed_min_score"], state["shard_min_score"]
-        self.shard_edits = [tuple(edit) for edit in state["shard_edits"]]
-        self.memory_edits = [tuple(edit) for edit in state["memory_edits"]]
-        self.replay_prompts = list(state["replay_prompts"])
         self.negatives = dict(state["negatives"])
-        self.shard_index = state["shard_index"]
-        self.mask = self._shard_mask(self.shard_index)
-        self._publish()
+        self.publish()

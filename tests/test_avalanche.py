@@ -59,7 +59,7 @@ def test_editor_applies_all_edits_and_logs_scores(requests: list[EditRequest], t
     assert all(map(torch.equal, editor.reference, locality_reference(unedited, tokenizer, requests)))
     assert trained["edit/steps/train_phase/train_stream"] >= 1
     # 4 edits, 2 per shard, 2 shards per merge: both shards closed and merged into one side memory
-    assert strategy.shards == [] and strategy.merged is not None
+    assert strategy.memory.shards == [] and strategy.memory.merged is not None
     assert len(strategy.adapter.taus) >= 1
 
     results = editor.eval(benchmark.test_stream)

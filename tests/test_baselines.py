@@ -100,8 +100,8 @@ def test_ewc_anchors_after_each_experience(tiny, zsre10):
     strategy.prepare(*tiny)
     first, second = edit_requests(strategy, zsre10[:2])
     assert first["ewc"] == 0.0 and second["ewc"] > 0.0  # the second edit pulls away from the first's anchor
-    assert torch.equal(strategy.ewc.anchor, strategy.delta.detach())
-    assert strategy.ewc(strategy.delta).item() == 0.0 and strategy.ewc.fisher.sum() > 0
+    assert torch.equal(strategy.ewc.anchor, strategy.tau.detach())
+    assert strategy.ewc(strategy.tau).item() == 0.0 and strategy.ewc.fisher.sum() > 0
 
 
 def test_grace_changes_the_edited_prompt_and_leaves_far_inputs_bit_identical(tiny, zsre10):

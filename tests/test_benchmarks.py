@@ -10,7 +10,7 @@ from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
 from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
 from wise_cl.benchmarks.routing import routing_report
-from wise_cl.benchmarks.sweep import key_values, variant_args
+from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
 from wise_cl.strategies.wise import WISE
 
 
@@ -29,6 +29,13 @@ def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(t
     stamp = finished.stat().st_mtime_ns
     compare([Path("configs/zsre_wise.yaml")], [1], [2], out, TINY_WISE)
     assert finished.stat().st_mtime_ns == stamp
+
+
+def test_sweep_runs_get_short_names_that_survive_reruns(tmp_path):
+    assert run_names(tmp_path, ["lr=4", "alpha=2 beta=10"]) == {"lr=4": "v1", "alpha=2 beta=10": "v2"}
+    names = run_names(tmp_path, ["beta=3", "lr=4"])  # a rerun with a new variant, in another order
+    assert names["beta=3"] == "v3" and names["lr=4"] == "v1"
+    assert json.loads((tmp_path / "variants.json").read_text())["alpha=2 beta=10"] == "v2"
 
 
 def test_sweep_variant_becomes_strategy_overrides():

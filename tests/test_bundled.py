@@ -1,9 +1,13 @@
 """End-to-end checks on the bundled SmolLM2-135M-Instruct (a few seconds each once the cache is warm)."""
 
+import pytest
+
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import EditMetrics, generate_answers, locality_reference, predict_answers
 from wise_cl.records import EditRequest
 from wise_cl.strategies.wise import WISE
+
+pytestmark = pytest.mark.slow
 
 
 def test_bundled_model_answers_a_known_fact(bundled):

@@ -34,6 +34,14 @@ def test_cli_fit_edits_then_scores(tmp_path, capsys):
     assert metrics["edits_done"] == 3 and metrics["merge_method"] == "ties"
     assert metrics["num_side_memories"] == 1 and metrics["edit_seconds_median"] > 0
     assert metrics["edit_seconds_total"] >= metrics["edit_seconds_median"] and metrics["memory_seconds_total"] > 0
+    # the result and the checkpoint say which code and which config made them
+    assert len(metrics["commit"].removesuffix("+dirty")) == 40
+    config = metrics["config"]
+    assert config["data"]["num_edits"] == 3 and config["model"]["strategy"]["init_args"]["n_iter"] == 3
+    (checkpoint,) = tmp_path.glob("**/checkpoints/last.ckpt")
+    assert torch.load(checkpoint, weights_only=False)["wise_cl"]["config"] == config
+    run_folder = checkpoint.parent.parent  # one config file per run
+    assert (run_folder / "config.yaml").is_file() and not (run_folder / "hparams.yaml").exists()
 
 
 def test_progress_is_written_as_lines_without_a_terminal(tmp_path):

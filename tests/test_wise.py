@@ -8,9 +8,10 @@ from conftest import TINY_LAYER
 from wise_cl.callbacks import EditCheckpoint
 from wise_cl.data import EditBatch, EditStreamDataModule
 from wise_cl.editing_forward import CachedForward, FullForward
-from wise_cl.evaluation import predict_answers, teacher_forced_batch
+from wise_cl.evaluation import predict_answers
 from wise_cl.merging import merge_task_vectors
 from wise_cl.module import EditingModule
+from wise_cl.rows import teacher_forced_batch
 from wise_cl.side_memory import MAIN, attach_side_memory, detach_side_memory, load_side_memories
 from wise_cl.strategies.wise import WISE
 
@@ -43,10 +44,10 @@ def test_masked_gradient_leaves_entries_outside_the_shard_untouched(tiny, zsre10
     strategy = small_wise()
     strategy.prepare(*tiny)
     edit_requests(strategy, zsre10[:1])
-    tau = strategy.tau.detach()
+    tau = strategy.memory.tau.detach()
     assert tau.abs().sum() > 0
-    assert torch.all(tau[strategy.mask == 0] == 0)
-    assert 0.15 < strategy.mask.mean().item() < 0.25
+    assert torch.all(tau[strategy.memory.mask == 0] == 0)
+    assert 0.15 < strategy.memory.mask.mean().item() < 0.25
 
 
 def test_edit_raises_target_probability_and_records_threshold(tiny, zsre10):
@@ -110,19 +111,23 @@ def test_routing_is_decided_per_sequence(tiny):
 def test_generation_keeps_the_route_decided_on_the_prompt(tiny):
     model, tokenizer = tiny
     adapter = attach_side_memory(model, TINY_LAYER)
-    adapter.taus, adapter.thresholds = [torch.full_like(adapter.weight, 0.01)], [0.0]
+    adapter.serve([torch.full_like(adapter.weight, 0.01)], [0.0])
     routes = []
-    handle = adapter.register_forward_hook(lambda m, args, out: routes.append(m.route.tolist()))
+
+    def record_then_raise_threshold(module, args, out):
+        routes.append(module.route.tolist())
+        module.thresholds = [1e9]  # a route decided anew after the prompt would now be the main memory
+
+    handle = adapter.register_forward_hook(record_then_raise_threshold)
     inputs = tokenizer(["hello"], return_tensors="pt")
     model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     handle.remove()
-    assert len(routes) == 3 and all(r == [0] for r in routes)
-    adapter.thresholds = [1e9]  # now the prompt is not routed, and neither are the new tokens
-    routes.clear()
+    assert routes == [[0], [0], [0]]
+    routes.clear()  # a new prompt is routed anew: under the raised threshold, to the main memory
     handle = adapter.register_forward_hook(lambda m, args, out: routes.append(m.route.tolist()))
     model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     handle.remove()
-    assert all(r == [MAIN] for r in routes)
+    assert routes == [[MAIN], [MAIN], [MAIN]]
 
 
 def test_detach_restores_outputs_bit_for_bit(tiny, zsre10):
@@ -191,8 +196,8 @@ def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
     strategy.prepare(*tiny)
     edit_requests(strategy, zsre10[:4], lifecycle=True)
     # 4 edits, 2 per shard, 2 shards per merge -> one frozen memory, an empty active one
-    assert len(strategy.frozen) == 1 and strategy.merged is None
-    assert len(strategy.adapter.taus) == 1 and strategy.shard_index == 2
+    assert len(strategy.memory.frozen) == 1 and strategy.memory.merged is None
+    assert len(strategy.adapter.taus) == 1 and strategy.memory.shard_index == 2
 
 
 def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, zsre10):
@@ -201,16 +206,16 @@ def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, 
     edit_requests(strategy, zsre10[:2], lifecycle=True)
     # right after shard 0 closes, it serves alone (the emptied open shard does not)
     (served,) = strategy.adapter.taus
-    torch.testing.assert_close(served, strategy.shards[0])
+    torch.testing.assert_close(served, strategy.memory.shards[0])
     edit_requests(strategy, zsre10[2:3], start=2, lifecycle=True)
     # shard 0 (edits 0-1) is closed and not merged yet; shard 1 holds edit 2 and is not merged into it
     closed, open_shard = strategy.adapter.taus
-    torch.testing.assert_close(closed, strategy.shards[0])
-    torch.testing.assert_close(open_shard, strategy.tau.detach())
+    torch.testing.assert_close(closed, strategy.memory.shards[0])
+    torch.testing.assert_close(open_shard, strategy.memory.tau.detach())
     # the open shard's threshold comes from its own edit, scored right after training
-    (score,) = strategy.edit_scores(open_shard, strategy.shard_edits).tolist()
-    assert strategy.shard_min_score == pytest.approx(score, rel=1e-4)
-    scores = (strategy.closed_min_score, strategy.shard_min_score)
+    (score,) = strategy.edit_scores(open_shard, strategy.memory.shard_edits).tolist()
+    assert strategy.memory.shard_min_score == pytest.approx(score, rel=1e-4)
+    scores = (strategy.memory.closed_min_score, strategy.memory.shard_min_score)
     assert strategy.adapter.thresholds == [pytest.approx(strategy.act_ratio * score) for score in scores]
 
 
@@ -256,8 +261,8 @@ def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path):
     resumed = run_stream(tmp_path / "killed", [], ckpt_path=tmp_path / "killed" / "last.ckpt")
     assert resumed.edits_done == whole.edits_done == 5
     assert len(resumed.edit_seconds) == 5
-    assert torch.equal(resumed.strategy.tau, whole.strategy.tau)
-    for a, b in zip(resumed.strategy.shards, whole.strategy.shards, strict=True):
+    assert torch.equal(resumed.strategy.memory.tau, whole.strategy.memory.tau)
+    for a, b in zip(resumed.strategy.memory.shards, whole.strategy.memory.shards, strict=True):
         assert torch.equal(a, b)
     assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
 
@@ -285,14 +290,14 @@ def test_one_by_one_editing_runs_one_loop_per_request(tiny, zsre10, edit_prompts
     after = predict_answers(model, tokenizer, [requests[1].prompt], [requests[1].target]).nll.mean()
     assert [rows[0] for rows in edit_prompts] == [r.prompt for r in requests]
     assert all(len(rows) == 1 + strategy.num_context + 1 for rows in edit_prompts)
-    assert strategy.memory_edits == [(i, r.prompt, r.target) for i, r in enumerate(requests)] and after < before - 0.5
+    assert strategy.memory.edits == [(i, r.prompt, r.target) for i, r in enumerate(requests)] and after < before - 0.5
 
 
 def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit_prompts):
     strategy = small_wise(retrieve=True, replay=1, edits_per_shard=1, shards_per_merge=1, n_iter=2)
     strategy.prepare(*tiny)
     edit_requests(strategy, zsre10[:2], lifecycle=True)
-    assert strategy.replay_prompts == [zsre10[0].prompt, zsre10[1].prompt]
+    assert strategy.memory.replay_prompts == [zsre10[0].prompt, zsre10[1].prompt]
     assert edit_prompts[1][-1] == zsre10[0].prompt and zsre10[0].prompt not in edit_prompts[0][1:]
     assert len(strategy.adapter.taus) == 2
 
@@ -309,13 +314,13 @@ def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_thr
     # the last batch holds both edits' plain prompts, then their irrelevant samples
     assert edit_prompts[-1][:2] == [r.prompt for r in requests] and len(edit_prompts[-1]) == 4
     rows = teacher_forced_batch(tokenizer, [r.prompt for r in requests], [r.target for r in requests])
-    scores = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.tau)
-    assert strategy.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+    scores = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.memory.tau)
+    assert strategy.memory.min_score == pytest.approx(scores.min().item(), rel=1e-5)
     nll_after = predict_answers(model, tokenizer, [r.prompt for r in requests], [r.target for r in requests]).nll
     assert nll_after.mean() < nll_before.mean()
-    assert torch.all(strategy.tau.detach()[strategy.mask == 0] == 0)
+    assert torch.all(strategy.memory.tau.detach()[strategy.memory.mask == 0] == 0)
     strategy.close_shard()
-    assert strategy.shard_edits == [] and strategy.closed_min_score == strategy.min_score
+    assert strategy.memory.shard_edits == [] and strategy.memory.closed_min_score == strategy.memory.min_score
 
 
 def test_rehearse_shard_retrains_the_open_shards_earlier_edits_with_each_edit(tiny, zsre10, edit_prompts):
@@ -326,8 +331,8 @@ def test_rehearse_shard_retrains_the_open_shards_earlier_edits_with_each_edit(ti
     # the third edit's rows: its own (plain and with contexts), then the two earlier plain prompts
     rows = 1 + strategy.num_context
     assert edit_prompts[-1][rows : rows + 2] == [r.prompt for r in requests[:2]]
-    scores = strategy.edit_scores(strategy.tau.detach(), strategy.shard_edits)
-    assert strategy.shard_min_score == pytest.approx(scores.min().item(), rel=1e-4)
+    scores = strategy.edit_scores(strategy.memory.tau.detach(), strategy.memory.shard_edits)
+    assert strategy.memory.shard_min_score == pytest.approx(scores.min().item(), rel=1e-4)
 
 
 def test_rescore_on_merge_takes_the_threshold_from_the_merged_memory(tiny, zsre10):
@@ -336,13 +341,13 @@ def test_rescore_on_merge_takes_the_threshold_from_the_merged_memory(tiny, zsre1
     strategy = small_wise(rescore_on_merge=True, edits_per_shard=2, shards_per_merge=2, n_iter=4)
     strategy.prepare(model, tokenizer)
     edit_requests(strategy, requests, lifecycle=True)
-    assert strategy.merged is not None and strategy.shards == []
+    assert strategy.memory.merged is not None and strategy.memory.shards == []
     rows = teacher_forced_batch(tokenizer, [r.prompt for r in requests], [r.target for r in requests])
-    scores = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.merged)
-    assert strategy.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+    scores = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.memory.merged)
+    assert strategy.memory.min_score == pytest.approx(scores.min().item(), rel=1e-5)
     assert strategy.adapter.thresholds == [pytest.approx(strategy.act_ratio * scores.min().item(), rel=1e-5)]
     # the next shard's consolidation keeps the merged memory's edits in the running minimum
-    assert strategy.closed_min_score == strategy.min_score
+    assert strategy.memory.closed_min_score == strategy.memory.min_score
 
 
 def test_each_edit_brings_num_irrelevant_samples_of_its_own(tiny, zsre10, edit_prompts):
@@ -361,13 +366,13 @@ def test_merge_consolidation_trains_the_merged_memory_only_where_the_merge_set_e
         strategy.edit(EditBatch([i], [request]))
         if strategy.shard_full():
             strategy.close_shard()
-    plain = merge_task_vectors(strategy.shards, strategy.merge_method, strategy.merge_density)
+    plain = merge_task_vectors(strategy.memory.shards, strategy.merge_method, strategy.merge_density)
     strategy.merge()
-    assert not torch.equal(strategy.merged, plain)
-    assert torch.all(strategy.merged[plain == 0] == 0)
-    assert torch.all(strategy.tau.detach() == 0)  # the next shard starts empty
-    scores = strategy.edit_scores(strategy.merged, strategy.memory_edits)
-    assert strategy.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+    assert not torch.equal(strategy.memory.merged, plain)
+    assert torch.all(strategy.memory.merged[plain == 0] == 0)
+    assert torch.all(strategy.memory.tau.detach() == 0)  # the next shard starts empty
+    scores = strategy.edit_scores(strategy.memory.merged, strategy.memory.edits)
+    assert strategy.memory.min_score == pytest.approx(scores.min().item(), rel=1e-5)
 
 
 def test_calibration_texts_are_held_back_and_floor_every_memory_threshold(tiny, zsre10, edit_prompts):
@@ -386,7 +391,7 @@ def test_calibration_texts_are_held_back_and_floor_every_memory_threshold(tiny, 
     for tau, threshold in zip(strategy.adapter.taus, strategy.adapter.thresholds, strict=True):
         # quantile 1: no held-back text passes any memory's threshold
         assert threshold >= CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(tau).max().item() - 1e-4
-    assert max(strategy.adapter.thresholds) > min(strategy.act_ratio * s for _, s, _ in strategy.frozen)
+    assert max(strategy.adapter.thresholds) > min(strategy.act_ratio * m.min_score for m in strategy.memory.frozen)
     with pytest.raises(ValueError, match="calibration_texts"):
         WISE(layer=TINY_LAYER, calibration_texts=10_000).prepare(model, tokenizer)
 
@@ -404,7 +409,7 @@ def test_shared_directions_make_every_serving_memory_blind_to_them(tiny, zsre10)
         assert tau.abs().max() > 0 and (tau @ basis).abs().max() < 1e-4 * tau.abs().max()
     # the training forward sees the projected memory: its scores equal the served memory's
     rows = teacher_forced_batch(tokenizer, [zsre10[0].prompt], [zsre10[0].target])
-    raw = strategy.frozen[0][0] + 5 * torch.randn_like(strategy.frozen[0][0]) @ basis @ basis.T
+    raw = strategy.memory.frozen[0].tau + 5 * torch.randn_like(strategy.memory.frozen[0].tau) @ basis @ basis.T
     served = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.adapter.taus[0])
     torch.testing.assert_close(strategy._forward(rows).scores(raw), served, rtol=1e-4, atol=1e-4)
 
@@ -431,4 +436,4 @@ def test_subject_negatives_swap_in_listed_subjects_and_are_trained_against(tiny,
     assert restored.negatives == strategy.negatives
     for callback in strategy.callbacks():
         callback.after_edit(strategy)
-    assert strategy.frozen and strategy.negatives == {}
+    assert strategy.memory.frozen and strategy.negatives == {}

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -18,11 +18,24 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import Forgetting, per_request_mean
+from wise_cl.plotting import plot_curves
+
+
+class MemoryLifecycle(Protocol):
+    """What the memory callbacks call on a strategy (WISE's: `wise_cl.strategies.wise.WISE`)."""
+
+    def shard_full(self) -> bool: ...
+    def close_shard(self) -> None: ...
+    def group_full(self) -> bool: ...
+    def merge(self) -> None: ...
+    def memory_complete(self) -> bool: ...
+    def spawn(self) -> None: ...
 
 
 class MemoryCallback(Callback):
     """Runs `after_edit` on the module's strategy after every training batch (experience), and adds
-    the time it takes to the module's `memory_seconds`."""
+    the time it takes to the module's `memory_seconds`. The module runs these callbacks before any
+    other, so whatever observes the model sees it after the memory's step."""
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -31,14 +44,14 @@ class MemoryCallback(Callback):
         self.after_edit(pl_module.strategy)
         pl_module.memory_seconds += time.perf_counter() - start
 
-    def after_edit(self, strategy: Any) -> None:
+    def after_edit(self, strategy: MemoryLifecycle) -> None:
         raise NotImplementedError
 
 
 class KnowledgeSharding(MemoryCallback):
     """Every `edits_per_shard` edits: close the shard and draw a new random subspace."""
 
-    def after_edit(self, strategy: Any) -> None:
+    def after_edit(self, strategy: MemoryLifecycle) -> None:
         if strategy.shard_full():
             strategy.close_shard()
 
@@ -46,7 +59,7 @@ class KnowledgeSharding(MemoryCallback):
 class KnowledgeMerging(MemoryCallback):
     """When `shards_per_merge` shards are complete: merge them into the side memory."""
 
-    def after_edit(self, strategy: Any) -> None:
+    def after_edit(self, strategy: MemoryLifecycle) -> None:
         if strategy.group_full():
             strategy.merge()
 
@@ -54,8 +67,8 @@ class KnowledgeMerging(MemoryCallback):
 class MemorySpawning(MemoryCallback):
     """WISE-Retrieve: when a merged memory is complete, freeze it and start a new one."""
 
-    def after_edit(self, strategy: Any) -> None:
-        if strategy.merged is not None:
+    def after_edit(self, strategy: MemoryLifecycle) -> None:
+        if strategy.memory_complete():
             strategy.spawn()
 
 
@@ -150,32 +163,3 @@ class ForgettingCurve(Callback):
             self.forgetting = Forgetting(len(states["best"]))
             for name, value in states.items():
                 setattr(self.forgetting, name, value)
-
-
-def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
-    """One panel per metric, one line per run, edits seen on the x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [
-        m
-        for m in ("reliability", "generalization", "locality", "forgetting")
-        if any(m in h[0] for h in histories.values())
-    ]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        for name, history in histories.items():
-            ax.plot(
-                [p["edits"] for p in history], [p.get(metric, float("nan")) for p in history], marker="o", label=name
-            )
-        ax.set_title(metric)
-        ax.set_xlabel("edits seen")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

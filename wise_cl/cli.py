@@ -9,12 +9,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from wise_cl.data import EditStreamDataModule
 from wise_cl.module import EditingModule
+from wise_cl.provenance import code_version
 
 # Lightning warnings that do not apply to editing runs (frozen eval-mode model, text batches, no optimizer)
 HARMLESS_WARNINGS = (
@@ -37,6 +39,17 @@ class WiseCLI(LightningCLI):
             trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
         return trainer
 
+    def before_fit(self) -> None:
+        self.record_config()
+
+    def before_test(self) -> None:
+        self.record_config()
+
+    def record_config(self) -> None:
+        """Hand the run's resolved config to the module: checkpoints and metrics.json keep it."""
+        config = self.config.get(str(self.subcommand), self.config)
+        self.model.run_config = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+
     def after_fit(self) -> None:
         self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         self.write_metrics()
@@ -45,11 +58,15 @@ class WiseCLI(LightningCLI):
         self.write_metrics()
 
     def write_metrics(self) -> None:
-        summary = self.model.summary()
+        summary = {**self.model.summary(), "commit": code_version(), "config": self.model.run_config}
         folder = Path(self.trainer.log_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "metrics.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
+        # the module logs no hyperparameters, so TensorBoard's hparams.yaml is empty: config.yaml is the config
+        empty_hparams = folder / "hparams.yaml"
+        if empty_hparams.is_file() and not yaml.safe_load(empty_hparams.read_text()):
+            empty_hparams.unlink()
         print(format_table(summary))
         print(path)
 

@@ -11,7 +11,7 @@ the plain loop (full model and full logits every step), kept for comparison.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from wise_cl.evaluation import TeacherForcedBatch
 from wise_cl.metrics import per_request_mean
+from wise_cl.rows import TeacherForcedBatch
 from wise_cl.side_memory import SideMemoryLinear, sequence_scores
 
 
@@ -270,40 +270,3 @@ def decoder_layer_index(layer_path: str) -> int:
     if match is None:
         raise ValueError(f"'{layer_path}' is not inside a decoder layer ('...layers.<i>....'); use the full forward")
     return int(match.group(1))
-
-
-def optimise_delta(
-    forward: Callable[[Tensor], tuple[Tensor, Tensor]],
-    delta: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], dict[str, Tensor]],
-    lr: float,
-    n_iter: int,
-    early_stop_loss: float = 0.0,
-    grad_mask: Tensor | None = None,
-    stop_on: str = "loss",
-) -> dict[str, float]:
-    """Plain SGD on `delta` for at most `n_iter` steps on `loss_fn(*forward(delta))["loss"]`, stopping
-    once the term named `stop_on` is below `early_stop_loss`; the gradient is multiplied by
-    `grad_mask` so nothing outside it moves."""
-    optimizer = torch.optim.SGD([delta], lr=lr)
-    steps = 0
-    while steps < n_iter:
-        steps += 1
-        losses = loss_fn(*forward(delta))
-        if losses[stop_on].item() < early_stop_loss:
-            break
-        optimizer.zero_grad()
-        losses["loss"].backward()
-        if grad_mask is not None:
-            delta.grad.mul_(grad_mask)
-        optimizer.step()
-    return {**{name: value.item() for name, value in losses.items()}, "steps": steps}
-
-
-def edit_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
-    """Per edit row (the first `n_edit` rows), the mean NLL of its target tokens; logits at `rows.scored`."""
-    labels, row_ids = rows.labels, rows.rows
-    edit = row_ids < n_edit
-    if not edit.all():  # other rows have targets too (no copy of the logits in the usual case)
-        logits, labels, row_ids = logits[edit], labels[edit], row_ids[edit]
-    return per_request_mean(F.cross_entropy(logits.float(), labels, reduction="none"), row_ids, n_edit)

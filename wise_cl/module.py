@@ -42,6 +42,7 @@ class EditingModule(L.LightningModule):
         self.memory_seconds = 0.0  # spent by the memory callbacks (closing shards, merging, spawning)
         self.reference: list[Tensor] | None = None
         self.test_results: dict[str, float] = {}
+        self.run_config: dict[str, Any] | None = None  # the resolved config, set by `wise-cl`
 
     @property
     def stream(self) -> list:
@@ -110,6 +111,7 @@ class EditingModule(L.LightningModule):
             "edit_seconds": self.edit_seconds,
             "memory_seconds": self.memory_seconds,
             "locality_reference": self.reference,
+            "config": self.run_config,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -97,8 +97,13 @@ IRRELEVANT_KEYS = {"zsre": "ZsRE", "hallucination": "hallucination", "temporal":
 
 
 def bundled_path(relative: str) -> Path:
-    """Path of a data file shipped with wise-cl (under `wise_cl/benchmarks/data`)."""
+    """Path of a bundled editing data file (under `wise_cl/benchmarks/data`)."""
     return Path(str(resources.files("wise_cl.benchmarks") / "data" / relative))
+
+
+def resource_path(name: str) -> Path:
+    """Path of a text list the library itself trains with (under `wise_cl/resources`)."""
+    return Path(str(resources.files("wise_cl") / "resources" / name))
 
 
 def resolve_data_path(path_or_name: str | Path) -> Path:
@@ -186,7 +191,7 @@ def read_irrelevant_prompts(source: str | Path = "zsre", count: int | None = Non
     `source` is a bundled data set name (its WISE list), or a JSON file holding a list of strings.
     """
     if str(source) in IRRELEVANT_KEYS:
-        path = bundled_path("irrelevant/wise_loc_prompts.json")
+        path = resource_path("wise_loc_prompts.json")
         texts = _load_json(path)[IRRELEVANT_KEYS[str(source)]]
     else:
         path = Path(source)
@@ -200,7 +205,7 @@ def read_irrelevant_prompts(source: str | Path = "zsre", count: int | None = Non
 def read_subjects(source: str | Path = "bundled") -> list[str]:
     """Subjects to swap into edit prompts: `bundled` (1000 CounterFact subjects no bundled request has,
     see `data/PROVENANCE.md`) or a JSON file holding a list of strings."""
-    path = bundled_path("irrelevant/subjects.json") if str(source) == "bundled" else Path(source)
+    path = resource_path("subjects.json") if str(source) == "bundled" else Path(source)
     subjects = _load_json(path)
     _check_texts(path, subjects)
     return subjects

@@ -61,6 +61,12 @@ class SideMemoryLinear(nn.Module):
     def weight(self) -> Tensor:
         return self.base.weight
 
+    def serve(self, taus: list[Tensor], thresholds: list[float]) -> None:
+        """Answer with these side memories from now on, each above its threshold."""
+        if len(taus) != len(thresholds):
+            raise ValueError(f"{len(taus)} side memories but {len(thresholds)} thresholds")
+        self.taus, self.thresholds = list(taus), list(thresholds)
+
     def scores(self, a: Tensor) -> Tensor:
         """Activation score of every sequence on every serving memory: [memories, batch]."""
         mask = self.token_mask if self.token_mask is not None and self.token_mask.shape == a.shape[:2] else None
@@ -142,6 +148,5 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
         metadata = f.metadata()
         taus = [f.get_tensor(f"tau.{i}") for i in range(len(f.keys()))]
     adapter = attach_side_memory(model, metadata["layer"])
-    adapter.taus = [tau.to(adapter.weight) for tau in taus]
-    adapter.thresholds = json.loads(metadata["thresholds"])
+    adapter.serve([tau.to(adapter.weight) for tau in taus], json.loads(metadata["thresholds"]))
     return adapter

@@ -1,0 +1,49 @@
+"""The editing methods' optimisation loop and their editing loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wise_cl.metrics import per_request_mean
+from wise_cl.rows import TeacherForcedBatch
+
+
+def optimise(
+    forward: Callable[[Tensor], tuple[Tensor, Tensor]],
+    param: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], dict[str, Tensor]],
+    lr: float,
+    n_iter: int,
+    early_stop_loss: float = 0.0,
+    grad_mask: Tensor | None = None,
+    stop_on: str = "loss",
+) -> dict[str, float]:
+    """Plain SGD on `param` for at most `n_iter` steps on `loss_fn(*forward(param))["loss"]`, stopping
+    once the term named `stop_on` is below `early_stop_loss`; the gradient is multiplied by
+    `grad_mask` so nothing outside it moves."""
+    optimizer = torch.optim.SGD([param], lr=lr)
+    steps = 0
+    while steps < n_iter:
+        steps += 1
+        losses = loss_fn(*forward(param))
+        if losses[stop_on].item() < early_stop_loss:
+            break
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        if grad_mask is not None:
+            param.grad.mul_(grad_mask)
+        optimizer.step()
+    return {**{name: value.item() for name, value in losses.items()}, "steps": steps}
+
+
+def edit_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
+    """Per edit row (the first `n_edit` rows), the mean NLL of its target tokens; logits at `rows.scored`."""
+    labels, row_ids = rows.labels, rows.rows
+    edit = row_ids < n_edit
+    if not edit.all():  # other rows have targets too (no copy of the logits in the usual case)
+        logits, labels, row_ids = logits[edit], labels[edit], row_ids[edit]
+    return per_request_mean(F.cross_entropy(logits.float(), labels, reduction="none"), row_ids, n_edit)
