@@ -80,7 +80,8 @@ def test_stream_batches_follow_file_order():
 
 
 def test_wheel_installs_namespaced_packages(tmp_path):
-    """The wheel ships wise_cl.strategies and wise_cl.benchmarks (with data), no top-level `strategies`."""
+    """The wheel ships wise_cl.strategies and wise_cl.benchmarks (with data), WISE's training texts, and
+    no top-level `strategies`."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
         check=True,
@@ -90,6 +91,7 @@ def test_wheel_installs_namespaced_packages(tmp_path):
     (wheel,) = tmp_path.glob("wise_cl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "wise_cl/strategies/wise.py" in names and "wise_cl/benchmarks/data/zsre/zsre_mend_edit.json" in names
+    assert {"wise_cl/resources/wise_loc_prompts.json", "wise_cl/resources/subjects.json"} <= set(names)
     assert not any(n.startswith(("strategies/", "benchmarks/")) for n in names)
     target = tmp_path / "site"
     subprocess.run(
@@ -97,7 +99,8 @@ def test_wheel_installs_namespaced_packages(tmp_path):
     )
     check = (
         "import wise_cl.strategies.wise as w; from wise_cl.records import read_requests;"
-        "read_requests('zsre', limit=1); print(w.__file__)"
+        "from wise_cl.records import read_irrelevant_prompts, read_subjects;"
+        "read_requests('zsre', limit=1); read_irrelevant_prompts(); read_subjects(); print(w.__file__)"
     )
     out = subprocess.run(
         [sys.executable, "-c", check],
