@@ -20,7 +20,8 @@ from wise_cl.editing_forward import CachedForward
 from wise_cl.optimisation import optimise
 from wise_cl.rows import TeacherForcedBatch
 from wise_cl.side_memory import MAIN, SideMemoryLinear
-from wise_cl.strategies.finetune import FineTune, require
+from wise_cl.strategies.finetune import FineTune
+from wise_cl.validation import require
 
 
 def deferral_logits(classifier: Tensor, a: Tensor, token_mask: Tensor | None) -> Tensor:

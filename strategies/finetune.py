@@ -20,12 +20,7 @@ from wise_cl.editing_forward import CachedForward
 from wise_cl.optimisation import edit_nll, optimise
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.strategies.base import LinearEditStrategy
-
-
-def require(condition: bool, field: str, expected: str, value: Any) -> None:
-    """Raise a `ValueError` naming the config field `strategy.<field>` unless `condition` holds."""
-    if not condition:
-        raise ValueError(f"strategy.{field} must be {expected}, got {value!r}")
+from wise_cl.validation import require
 
 
 def split_in_halves(text: str) -> tuple[str, str]:

@@ -21,7 +21,7 @@ from wise_cl.optimisation import edit_nll, optimise
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import MAIN, SideMemoryLinear
 from wise_cl.strategies.base import LinearEditStrategy
-from wise_cl.strategies.finetune import require
+from wise_cl.validation import require
 
 
 class GraceLinear(SideMemoryLinear):

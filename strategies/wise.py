@@ -28,6 +28,7 @@ from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import save_side_memories
 from wise_cl.strategies.base import LinearEditStrategy
 from wise_cl.strategies.wise_memory import Edit, ShardedMemory
+from wise_cl.validation import require, require_choice
 
 SHARED_DIRECTION_TEXTS = 500  # irrelevant texts whose activations give the shared input directions
 CONTEXT_SEEDS = ("I", "You", "Because", "Yes", "So", "The", "When", "It", "We", "In")
@@ -136,22 +137,33 @@ class WISE(LinearEditStrategy):
         cached_forward: bool = True,
         seed: int = 0,
     ) -> None:
-        if merge_method not in MERGE_METHODS:
-            raise ValueError(f"strategy.merge_method: unknown '{merge_method}'; expected one of {MERGE_METHODS}")
-        if not 0 < mask_ratio <= 1 or not 0 < merge_density <= 1 or not 0 < calibration_quantile <= 1:
-            raise ValueError("strategy.mask_ratio, merge_density and calibration_quantile must lie in (0, 1]")
-        if early_stop_on not in ("loss", "edit_loss"):
-            raise ValueError(f"strategy.early_stop_on: unknown '{early_stop_on}'; expected 'loss' or 'edit_loss'")
-        counts = (replay, consolidate_steps, merge_consolidate_steps, calibration_texts, shared_directions)
-        if min(*counts, subject_negatives) < 0:
-            raise ValueError(
-                "strategy.replay, consolidate_steps, merge_consolidate_steps, calibration_texts,"
-                " shared_directions and subject_negatives must be at least 0"
-            )
-        if num_irrelevant < 1:
-            raise ValueError(f"strategy.num_irrelevant must be at least 1, got {num_irrelevant}")
-        if num_context > len(CONTEXT_SEEDS):
-            raise ValueError(f"strategy.num_context is at most {len(CONTEXT_SEEDS)}")
+        require_choice(merge_method, "merge_method", MERGE_METHODS)
+        require_choice(early_stop_on, "early_stop_on", ("loss", "edit_loss"))
+        for name, value in (("mask_ratio", mask_ratio), ("merge_density", merge_density)):
+            require(0 < value <= 1, name, "in (0, 1]", value)
+        require(0 < calibration_quantile <= 1, "calibration_quantile", "in (0, 1]", calibration_quantile)
+        for name, value in (("edits_per_shard", edits_per_shard), ("shards_per_merge", shards_per_merge)):
+            require(value >= 1, name, "at least 1", value)
+        for name, value in (("n_iter", n_iter), ("num_irrelevant", num_irrelevant), ("context_length", context_length)):
+            require(value >= 1, name, "at least 1", value)
+        for name, value in (("lr", lr), ("act_ratio", act_ratio), ("prior_merge_weight", prior_merge_weight)):
+            require(value > 0, name, "positive", value)
+        counts = {
+            "alpha": alpha,
+            "beta": beta,
+            "gamma": gamma,
+            "act_loss_weight": act_loss_weight,
+            "early_stop_loss": early_stop_loss,
+            "replay": replay,
+            "consolidate_steps": consolidate_steps,
+            "merge_consolidate_steps": merge_consolidate_steps,
+            "calibration_texts": calibration_texts,
+            "shared_directions": shared_directions,
+            "subject_negatives": subject_negatives,
+        }
+        for name, value in counts.items():
+            require(value >= 0, name, "at least 0", value)
+        require(0 <= num_context <= len(CONTEXT_SEEDS), "num_context", f"in [0, {len(CONTEXT_SEEDS)}]", num_context)
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
         self.merge_method, self.merge_density, self.prior_merge_weight = merge_method, merge_density, prior_merge_weight

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY_LAYER
 
-from wise_cl.callbacks import EditCheckpoint
+from wise_cl.callbacks import EditCheckpoint, ForgettingCurve
 from wise_cl.data import EditBatch, EditStreamDataModule
 from wise_cl.editing_forward import CachedForward, FullForward
 from wise_cl.evaluation import predict_answers
@@ -128,6 +128,45 @@ def test_generation_keeps_the_route_decided_on_the_prompt(tiny):
     model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     handle.remove()
     assert routes == [[MAIN], [MAIN], [MAIN]]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("merge_method", "average", "one of .*ties"),
+        ("early_stop_on", "steps", "one of loss, edit_loss"),
+        ("mask_ratio", 0.0, r"in \(0, 1\]"),
+        ("merge_density", 1.5, r"in \(0, 1\]"),
+        ("calibration_quantile", 0.0, r"in \(0, 1\]"),
+        ("edits_per_shard", 0, "at least 1"),
+        ("shards_per_merge", 0, "at least 1"),
+        ("n_iter", 0, "at least 1"),
+        ("num_irrelevant", 0, "at least 1"),
+        ("context_length", 0, "at least 1"),
+        ("lr", -5.0, "positive"),
+        ("act_ratio", -1.0, "positive"),
+        ("prior_merge_weight", 0.0, "positive"),
+        ("alpha", -1.0, "at least 0"),
+        ("act_loss_weight", -0.1, "at least 0"),
+        ("early_stop_loss", -1.0, "at least 0"),
+        ("replay", -1, "at least 0"),
+        ("consolidate_steps", -1, "at least 0"),
+        ("merge_consolidate_steps", -1, "at least 0"),
+        ("calibration_texts", -1, "at least 0"),
+        ("shared_directions", -1, "at least 0"),
+        ("subject_negatives", -1, "at least 0"),
+        ("num_context", 11, r"in \[0, 10\]"),
+    ],
+)
+def test_every_bad_wise_option_is_refused_with_its_name(option, value, expected):
+    with pytest.raises(ValueError, match=rf"strategy\.{option} must be {expected}, got"):
+        WISE(**{option: value})
+
+
+@pytest.mark.parametrize("callback", [EditCheckpoint, ForgettingCurve])
+def test_callbacks_refuse_a_zero_interval(callback):
+    with pytest.raises(ValueError, match=rf"trainer\.callbacks\.{callback.__name__}\.every_n_edits must be at least 1"):
+        callback(every_n_edits=0)
 
 
 def test_detach_restores_outputs_bit_for_bit(tiny, zsre10):

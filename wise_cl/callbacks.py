@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import Forgetting, per_request_mean
 from wise_cl.plotting import plot_curves
+from wise_cl.validation import require
 
 
 class MemoryLifecycle(Protocol):
@@ -80,6 +81,7 @@ class EditCheckpoint(Checkpoint):
     """
 
     def __init__(self, dirpath: str | None = None, every_n_edits: int = 1) -> None:
+        require(every_n_edits >= 1, "EditCheckpoint.every_n_edits", "at least 1", every_n_edits, "trainer.callbacks")
         self.dirpath, self.every_n_edits = dirpath, every_n_edits
 
     def on_train_batch_end(
@@ -125,6 +127,7 @@ class ForgettingCurve(Callback):
     """
 
     def __init__(self, every_n_edits: int = 10) -> None:
+        require(every_n_edits >= 1, "ForgettingCurve.every_n_edits", "at least 1", every_n_edits, "trainer.callbacks")
         self.every_n_edits = every_n_edits
         self.history: list[dict[str, float]] = []
         self.forgetting: Forgetting | None = None
