@@ -51,6 +51,19 @@ def test_progress_is_written_as_lines_without_a_terminal(tmp_path):
     assert isinstance(cli.trainer.progress_bar_callback, TQDMProgressBar)
 
 
+def test_help_offers_only_fit_and_test(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "fit" in out and "test" in out and "validate" not in out and "predict" not in out
+
+
+def test_output_has_no_lightning_tips(tmp_path, caplog):
+    args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
+    run(["test", *args, "--data.num_edits=1"])
+    assert "GPU available" in caplog.text and "Tip" not in caplog.text
+
+
 def test_config_typo_is_reported(capsys):
     with pytest.raises(SystemExit):
         main(["test", "--config", "configs/zsre_wise.yaml", "--model.strategy.alhpa=3"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import warnings
@@ -25,11 +26,22 @@ HARMLESS_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*does not have many workers.*",
 )
+# Lightning's loggers of rank-zero messages, which also carry its advertising tips
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 TABLE_KEYS = ("reliability", "generalization", "ood_generalization", "locality", "exact_match", "perplexity")
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
 class WiseCLI(LightningCLI):
-    """LightningCLI whose runs end by writing `metrics.json` into the log folder."""
+    """LightningCLI whose runs end by writing `metrics.json` into the log folder; `fit` and `test` only
+    (validation and prediction have no meaning for an edit stream)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name in ("fit", "test")}
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Without a terminal (nohup, a pipe) progress goes to the log as tqdm lines: Rich draws nothing there."""
@@ -88,6 +100,9 @@ def run(args: list[str] | None = None) -> WiseCLI:
     holds the run's scores and `trainer.log_dir` its folder."""
     for pattern in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in RANK_ZERO_LOGGERS:
+        if _not_a_tip not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_not_a_tip)
     return WiseCLI(
         EditingModule,
         EditStreamDataModule,
