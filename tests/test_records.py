@@ -1,4 +1,5 @@
 import json
+import random
 
 import pytest
 
@@ -74,6 +75,10 @@ def test_bundled_swap_subjects_are_no_bundled_request_subject(tmp_path):
         ),
         ('[{"question": "Q?"}]', "unknown layout"),
         ("{}", "non-empty JSON list"),
+        ('[{"src": "Q?", "alt": ["A", "B"], "loc": "L", "loc_ans": "B"}]', "record 0, field 'alt': expected text"),
+        ('[{"src": "Q?", "alt": "A", "rephrase": " ", "loc": "L", "loc_ans": "B"}]', "field 'rephrase': empty text"),
+        ('[{"src": "Q?", "alt": "A", "loc": "L", "loc_ans": "B"}, "text"]', "record 1: expected a JSON object"),
+        ('{"src": "Q?"}\n{"src": ', "malformed JSON Lines \\(line 2"),
     ],
 )
 def test_bad_input_names_file_record_and_field(tmp_path, content, message):
@@ -89,3 +94,65 @@ def test_missing_file_and_too_many_requests(tmp_path):
         read_requests(tmp_path / "nothing.json")
     with pytest.raises(EditDataError, match="holds 75"):
         read_requests("temporal", limit=76)
+
+
+CF = {"prompt": "P", "target_new": "T", "locality_prompt": "L", "locality_ground_truth": "G"}
+
+
+def test_layout_follows_most_records_and_every_record_must_carry_it(tmp_path):
+    path = tmp_path / "cf.json"
+    records = [CF] + [CF | {"rephrase_prompt": f"R{i}"} for i in range(4)]  # record 0 lacks its rephrase
+    path.write_text(json.dumps(records))
+    with pytest.raises(EditDataError, match="record 0, field 'rephrase_prompt': missing field of the counterfact"):
+        read_requests(path)
+    assert [r.rephrases for r in read_requests(path, start=1)] == [(f"R{i}",) for i in range(4)]
+    path.write_text(json.dumps([CF, CF, CF | {"rephrase_prompt": "R"}]))  # mostly hallucination layout
+    assert [r.rephrases for r in read_requests(path)] == [(), (), ()]
+
+
+def test_json_lines_bom_lists_of_rephrases_and_other_encodings(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    lines = [CF | {"rephrase_prompt": ["R1", "R2"]}, CF | {"rephrase_prompt": "R3"}]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in lines).encode() + b"\n")
+    assert [r.rephrases for r in read_requests(path)] == [("R1", "R2"), ("R3",)]
+    path.write_bytes(json.dumps([CF | {"prompt": "Caf\u00e9"}], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(EditDataError, match="edits.jsonl: not UTF-8 text"):
+        read_requests(path)
+
+
+def _mutations(rng: random.Random) -> list:
+    """A list of records in one of the layouts, some of them broken at random."""
+    junk = [None, 0, 1.5, True, "", " ", [], ["x", 2], {"a": 1}, "é\u2028\x00", "x" * 300]
+    layout = rng.choice([dict(CF), {"src": "Q", "alt": "A", "loc": "L", "loc_ans": "B", "rephrase": "R"}])
+    records = []
+    for _ in range(rng.randint(1, 6)):
+        record = dict(layout)
+        for _ in range(rng.randint(0, 3)):
+            key = rng.choice([*record, "subject", "ood_rephrase", "rephrase_prompt"])
+            if rng.random() < 0.3:
+                record.pop(key, None)
+            else:
+                record[key] = rng.choice(junk)
+        records.append(record if rng.random() < 0.9 else rng.choice(junk))
+    return records
+
+
+def test_fuzzed_records_are_read_or_refused_with_an_edit_data_error(tmp_path):
+    rng = random.Random(0)
+    path = tmp_path / "fuzz.json"
+    outcomes = {"read": 0, "refused": 0}
+    for case in range(400):
+        text = json.dumps(_mutations(rng), ensure_ascii=rng.random() < 0.5)
+        if case % 7 == 0:  # cut or corrupt the file itself
+            cut = rng.randint(0, len(text))
+            text = text[:cut] + rng.choice(["", "}", "\n{", "\ufeff", "\x00"])
+        path.write_bytes(text.encode("utf-8") if case % 11 else text.encode("utf-16"))
+        try:
+            requests = read_requests(path)
+        except EditDataError as error:
+            assert str(error).startswith(str(path))
+            outcomes["refused"] += 1
+        else:
+            assert requests and all(r.prompt.strip() and r.target.strip() for r in requests)
+            outcomes["read"] += 1
+    assert outcomes["read"] > 20 and outcomes["refused"] > 100

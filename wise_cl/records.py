@@ -114,51 +114,80 @@ def resolve_data_path(path_or_name: str | Path) -> Path:
 
 
 def _load_json(path: Path) -> Any:
+    """A JSON document, or a JSON Lines file as the list of its lines' values (UTF-8, with or without BOM)."""
     if not path.is_file():
         raise EditDataError(path, "file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise EditDataError(path, f"not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several documents: JSON Lines
+            return _load_json_lines(path, text)
         raise EditDataError(path, f"malformed JSON (line {err.lineno}, column {err.colno}): {err.msg}") from None
 
 
+def _load_json_lines(path: Path, text: str) -> list[Any]:
+    values = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise EditDataError(
+                    path, f"malformed JSON Lines (line {number}, column {err.colno}): {err.msg}"
+                ) from None
+    return values
+
+
 def _text(path: Path, index: int, record: dict[str, Any], key: str, required: bool = True) -> str | None:
+    """The non-blank text in `record[key]` (None if absent and not required)."""
     value = record.get(key)
     if value is None:
         if required:
             raise EditDataError(path, "missing field", index, key)
         return None
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        value = value[0]
     if not isinstance(value, str):
         raise EditDataError(path, f"expected text, got {type(value).__name__}", index, key)
-    if required and not value.strip():
+    if not value.strip():
         raise EditDataError(path, "empty text", index, key)
     return value
 
 
+def _texts(path: Path, index: int, record: dict[str, Any], key: str) -> tuple[str, ...]:
+    """One text or a list of texts in `record[key]`, each non-blank (none if absent)."""
+    value = record.get(key)
+    values = value if isinstance(value, list) else [value] if value is not None else []
+    return tuple(_text(path, index, {key: v}, key) for v in values)
+
+
 def detect_layout(path: Path, records: Sequence[Any]) -> Layout:
-    """The layout whose signature fields the first record carries."""
-    first = records[0]
-    if not isinstance(first, dict):
-        raise EditDataError(path, f"expected a JSON object, got {type(first).__name__}", 0)
+    """The most specific layout that most records follow (`LAYOUTS` lists the specific ones first)."""
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise EditDataError(path, f"expected a JSON object, got {type(record).__name__}", index)
     for layout in LAYOUTS.values():
-        if layout.matches(first):
+        if 2 * sum(layout.matches(record) for record in records) > len(records):
             return layout
-    raise EditDataError(path, f"unknown layout (fields {sorted(first)}); expected one of {sorted(LAYOUTS)}", 0)
+    fields = sorted(records[0])
+    raise EditDataError(path, f"unknown layout (record 0 has fields {fields}); expected one of {sorted(LAYOUTS)}")
 
 
 def _to_request(path: Path, index: int, record: Any, layout: Layout) -> EditRequest:
     if not isinstance(record, dict):
         raise EditDataError(path, f"expected a JSON object, got {type(record).__name__}", index)
+    for key in layout.signature:
+        if key not in record:
+            raise EditDataError(path, f"missing field of the {layout.name} layout", index, key)
     get = partial(_text, path, index, record)
-    rephrase = get(layout.rephrase, False) if layout.rephrase else None
     return EditRequest(
         prompt=get(layout.prompt),
         target=get(layout.target),
         locality_prompt=get(layout.locality_prompt),
         locality_answer=get(layout.locality_answer),
-        rephrases=(rephrase,) if rephrase else (),
+        rephrases=_texts(path, index, record, layout.rephrase) if layout.rephrase else (),
         subject=get("subject", False),
         ood_rephrase=get(layout.ood_rephrase) if layout.ood_rephrase else None,
     )
@@ -169,7 +198,8 @@ def read_requests(
 ) -> list[EditRequest]:
     """Read edit requests from a bundled data set name or a JSON file in a known layout.
 
-    The layout is detected from the first record unless `layout` names one. `start` and `limit`
+    The layout is the most specific one most records follow, unless `layout` names one; every record must
+    carry its fields. JSON Lines files (one record per line) are read too. `start` and `limit`
     keep records `start .. start + limit - 1` in file order; every kept record is validated.
     """
     path = resolve_data_path(path_or_name)
