@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from wise_cl.cli import main, run
 from wise_cl.data import EditStreamDataModule
 from wise_cl.models import ModelLoadError, find_module, load_model
+from wise_cl.records import EditDataError
 
 
 def run_cli(command, args, tmp_path, capsys):
@@ -62,6 +63,16 @@ def test_output_has_no_lightning_tips(tmp_path, caplog):
     args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
     run(["test", *args, "--data.num_edits=1"])
     assert "GPU available" in caplog.text and "Tip" not in caplog.text
+
+
+def test_a_text_longer_than_the_context_is_refused_before_editing(tmp_path):
+    record = {"src": "Q?", "alt": "A", "rephrase": "R?", "loc": "L", "loc_ans": "B"}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps([record, record | {"loc": "word " * 400}]))  # tiny model: 512 tokens
+    args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
+    with pytest.raises(EditDataError, match=r"long.json, record 1, field 'locality_prompt': longer than .* 512"):
+        run(["fit", *args, f"--data.path={path}", "--data.num_edits=2"])
+    assert not list(tmp_path.glob("**/last.ckpt"))  # nothing was edited
 
 
 def test_config_typo_is_reported(capsys):

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import PreTrainedTokenizerBase
 
-from wise_cl.records import EditRequest, read_requests
+from wise_cl.records import EditDataError, EditRequest, read_requests, resolve_data_path
+
+TEXT_FIELDS = ("prompt", "target", "locality_prompt", "locality_answer", "ood_rephrase")
 
 
 @dataclass
@@ -112,6 +115,18 @@ class EditStreamDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.requests:
             self.requests = read_requests(self.path, self.layout, self.num_edits, self.start)
+
+    def check_lengths(self, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> None:
+        """Refuse a request with a text longer than `max_tokens` tokens (the model's context), naming
+        the file, record and field, before any edit is made."""
+        path = resolve_data_path(self.path)
+        for index, request in enumerate(self.requests, self.start):
+            texts = {name: getattr(request, name) for name in TEXT_FIELDS}
+            texts |= {f"rephrases[{i}]": text for i, text in enumerate(request.rephrases)}
+            for name, text in texts.items():
+                # a token covers at least one byte (plus a few special tokens): only long texts need the tokenizer
+                if text and len(text.encode()) + 4 > max_tokens and len(tokenizer(text)["input_ids"]) > max_tokens:
+                    raise EditDataError(path, f"longer than the model's {max_tokens} tokens", index, name)
 
     def train_dataloader(self) -> DataLoader:
         """The edits not yet applied: a resumed run starts after the edits its module already holds."""

@@ -58,8 +58,12 @@ class EditingModule(L.LightningModule):
         return batch  # edit requests are text; tensors are made on the model's device when needed
 
     def ensure_locality_reference(self) -> list[Tensor]:
-        """The unedited model's locality predictions for the whole stream, computed once."""
+        """The unedited model's locality predictions for the whole stream, computed once (after checking
+        that every text fits the model's context)."""
         if self.reference is None:
+            limit = getattr(self.model.config, "max_position_embeddings", None)
+            if limit:
+                self.trainer.datamodule.check_lengths(self.tokenizer, limit)
             self.reference = locality_reference(self.model, self.tokenizer, self.stream)
         return self.reference
 
