@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_WISE
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from wise_cl.cli import main, run
+from wise_cl.cli import USER_ERRORS, main, run
 from wise_cl.data import EditStreamDataModule
 from wise_cl.models import ModelLoadError, find_module, load_model
 from wise_cl.records import EditDataError
@@ -73,6 +73,19 @@ def test_a_text_longer_than_the_context_is_refused_before_editing(tmp_path):
     with pytest.raises(EditDataError, match=r"long.json, record 1, field 'locality_prompt': longer than .* 512"):
         run(["fit", *args, f"--data.path={path}", "--data.num_edits=2"])
     assert not list(tmp_path.glob("**/last.ckpt"))  # nothing was edited
+
+
+def test_user_errors_are_two_lines_and_verbose_shows_the_traceback(tmp_path):
+    config = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
+    for bad, message in (
+        ("--model.strategy.lr=-5", "strategy.lr must be positive, got -5.0"),
+        (f"--data.path={tmp_path / 'none.json'}", f"{tmp_path / 'none.json'}: file not found"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", *config, bad])
+        assert str(stop.value.code).splitlines() == [f"wise-cl: error: {message}", "(add --verbose for the traceback)"]
+        with pytest.raises(USER_ERRORS):
+            main(["fit", *config, bad, "--verbose"])
 
 
 def test_config_typo_is_reported(capsys):

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from wise_cl.data import EditStreamDataModule
+from wise_cl.models import ModelLoadError
 from wise_cl.module import EditingModule
 from wise_cl.provenance import code_version
 
@@ -25,9 +26,12 @@ HARMLESS_WARNINGS = (
     r".*overridden `transfer_batch_to_device`.*",
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*does not have many workers.*",
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
 )
 # Lightning's loggers of rank-zero messages, which also carry its advertising tips
 RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+# what a user's input can raise: unusable data or options, a model or layer that cannot be found
+USER_ERRORS = (ValueError, LookupError, TypeError, OSError, ModelLoadError)
 TABLE_KEYS = ("reliability", "generalization", "ood_generalization", "locality", "exact_match", "perplexity")
 
 
@@ -119,7 +123,26 @@ def run(args: list[str] | None = None) -> WiseCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    run(args)
+    """The `wise-cl` command: a user's mistake (bad data, option, model or layer) ends in a short message
+    naming it; `--verbose` shows the traceback instead."""
+    argv = list(sys.argv[1:] if args is None else args)
+    verbose = "--verbose" in argv
+    try:
+        run([a for a in argv if a != "--verbose"])
+    except USER_ERRORS as error:
+        if verbose:
+            raise
+        sys.exit(f"wise-cl: error: {short_message(error)}\n(add --verbose for the traceback)")
+
+
+def short_message(error: BaseException) -> str:
+    """The error's message; when a config value fits none of an option's types (jsonargparse lists each type's
+    complaint and dumps the value), only the complaints that are not about the `None` alternative."""
+    text = str(error)
+    if "Does not validate against any of the Union subtypes" not in text:
+        return text
+    reasons = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ") and "NoneType" not in line]
+    return "; ".join(reasons) or text
 
 
 if __name__ == "__main__":
