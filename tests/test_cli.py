@@ -88,6 +88,24 @@ def test_user_errors_are_two_lines_and_verbose_shows_the_traceback(tmp_path):
             main(["fit", *config, bad, "--verbose"])
 
 
+def test_ckpt_path_last_extends_the_stream_in_its_own_run_folder(tmp_path, capsys):
+    first, _ = run_cli("fit", ["--data.num_edits=2"], tmp_path, capsys)
+    longer, _ = run_cli("fit", ["--data.num_edits=3", "--ckpt_path=last"], tmp_path, capsys)
+    assert (first["edits_done"], longer["edits_done"], longer["num_edits"]) == (2, 3, 3)
+    assert [p.name for p in (tmp_path / "zsre_wise").iterdir()] == ["version_0"]
+    with pytest.raises(SystemExit, match="holds no"):
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/zsre_wise.yaml",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'x'}",
+                *TINY_WISE,
+                "--ckpt_path=last",
+            ]
+        )
+
+
 def test_config_typo_is_reported(capsys):
     with pytest.raises(SystemExit):
         main(["test", "--config", "configs/zsre_wise.yaml", "--model.strategy.alhpa=3"])

@@ -284,12 +284,12 @@ class StopAfter(L.Callback):
             raise KeyboardInterrupt  # a killed run
 
 
-def run_stream(tmp_path, callbacks, ckpt_path=None):
+def run_stream(tmp_path, callbacks, ckpt_path=None, num_edits=5, start=0, **settings):
     torch.manual_seed(0)
-    module = EditingModule("tiny", small_wise(n_iter=4), exact_match=False)
+    module = EditingModule("tiny", small_wise(n_iter=4, **settings), exact_match=False)
     checkpoint = EditCheckpoint(dirpath=str(tmp_path))
     trainer = L.Trainer(max_epochs=1, logger=False, callbacks=[checkpoint, *callbacks], enable_progress_bar=False)
-    trainer.fit(module, EditStreamDataModule("zsre", num_edits=5), ckpt_path=ckpt_path)
+    trainer.fit(module, EditStreamDataModule("zsre", num_edits=num_edits, start=start), ckpt_path=ckpt_path)
     return module
 
 
@@ -304,6 +304,28 @@ def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path):
     for a, b in zip(resumed.strategy.memory.shards, whole.strategy.memory.shards, strict=True):
         assert torch.equal(a, b)
     assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
+
+
+def test_a_checkpoint_resumes_only_its_own_stream_and_extends_it(tmp_path):
+    run_stream(tmp_path / "short", [ForgettingCurve(every_n_edits=1)], num_edits=3)
+    checkpoint = tmp_path / "short" / "last.ckpt"
+    for other, reason in (
+        ({"start": 1}, "start 0, here 1"),
+        ({"lr": 3.0}, r"other strategy settings \(saved, here\): \{'lr': \(2.0, 3.0\)\}"),
+        ({"num_edits": 2}, "holds 3 edits, more than data.num_edits=2"),
+    ):
+        with pytest.raises(ValueError, match=rf"last.ckpt: .*{reason}"):
+            run_stream(tmp_path / "other", [], ckpt_path=checkpoint, **other)
+    # the same stream, longer: it goes on from edit 3 and ends where an uninterrupted stream does
+    curves = [ForgettingCurve(every_n_edits=1), ForgettingCurve(every_n_edits=1)]
+    extended = run_stream(tmp_path / "short", curves[:1], ckpt_path=checkpoint, num_edits=5)
+    whole = run_stream(tmp_path / "whole", curves[1:], num_edits=5)
+    assert curves[0].history == curves[1].history and [p["edits"] for p in curves[0].history] == [1, 2, 3, 4, 5]
+    assert extended.edits_done == 5 and len(extended.reference) == 5
+    for a, b in zip(extended.reference, whole.reference, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(extended.strategy.memory.tau, whole.strategy.memory.tau)
+    assert extended.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
 
 
 @pytest.fixture

@@ -138,8 +138,8 @@ class ForgettingCurve(Callback):
         done, total = pl_module.edits_done, len(pl_module.stream)
         if done % self.every_n_edits and done != total:
             return
-        if self.forgetting is None:
-            self.forgetting = Forgetting(total)
+        if self.forgetting is None or len(self.forgetting.best) < total:  # new, or the stream was extended
+            self.forgetting = self._grown(total)
         requests = pl_module.stream[:done]
         scores = request_scores(pl_module, requests, pl_module.reference, trainer.datamodule.eval_batch_size)
         self.forgetting.update(torch.arange(done), scores["reliability"])
@@ -148,6 +148,14 @@ class ForgettingCurve(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in point.items()}, step=done)
         self.history.append({"edits": done, **point})
+
+    def _grown(self, total: int) -> Forgetting:
+        """A `Forgetting` over `total` requests holding what the current one has seen."""
+        grown = Forgetting(total)
+        for name in ("best", "current", "seen") if self.forgetting is not None else ():
+            old = getattr(self.forgetting, name)
+            getattr(grown, name)[: len(old)] = old
+        return grown
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.history and trainer.log_dir:

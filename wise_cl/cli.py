@@ -55,6 +55,27 @@ class WiseCLI(LightningCLI):
             trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
         return trainer
 
+    def before_instantiate_classes(self) -> None:
+        """`--ckpt_path last` is the newest `last.ckpt` of the config's run name; a resumed run logs into
+        the folder of the run it resumes (a TensorBoard logger's save_dir, name and version)."""
+        config = self.config.get(str(self.subcommand), self.config)
+        if not config.get("ckpt_path"):
+            return
+        logger = config.trainer.logger
+        init = logger.init_args if logger and "TensorBoardLogger" in str(logger.class_path) else None
+        if config.ckpt_path == "last":
+            if init is None:
+                raise ValueError("ckpt_path: 'last' needs the TensorBoard logger, which names the run folders")
+            runs = Path(init.save_dir, init.name)
+            found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+            if not found:
+                raise ValueError(f"ckpt_path: 'last', but {runs} holds no */checkpoints/last.ckpt")
+            config.ckpt_path = str(found[-1])
+        checkpoints = Path(config.ckpt_path).parent
+        if init is not None and checkpoints.name == "checkpoints":
+            run = checkpoints.parent
+            init.save_dir, init.name, init.version = str(run.parent.parent), run.parent.name, run.name
+
     def before_fit(self) -> None:
         self.record_config()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import statistics
 import time
 from typing import Any
@@ -14,6 +16,7 @@ from wise_cl.callbacks import MemoryCallback
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import EditMetrics, locality_reference
 from wise_cl.models import load_model
+from wise_cl.records import resolve_data_path
 from wise_cl.strategies.base import EditStrategy
 from wise_cl.strategies.wise import WISE
 
@@ -33,6 +36,7 @@ class EditingModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False
+        self.model_name = model_name
         self.model, self.tokenizer = load_model(model_name)
         self.strategy = strategy if strategy is not None else WISE()
         self.strategy.prepare(self.model, self.tokenizer)
@@ -116,11 +120,55 @@ class EditingModule(L.LightningModule):
             "memory_seconds": self.memory_seconds,
             "locality_reference": self.reference,
             "config": self.run_config,
+            "identity": self.run_identity(),
+        }
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a checkpoint belongs to: the model, the strategy with its settings, and the stream (its data
+        file's SHA-256, first request and layout; a stream may grow, so not its length)."""
+        data = self.trainer.datamodule
+        return {
+            "model": self.model_name,
+            "strategy": f"{type(self.strategy).__module__}.{type(self.strategy).__qualname__}",
+            "settings": strategy_settings(self.strategy),
+            "data_sha256": hashlib.sha256(resolve_data_path(data.path).read_bytes()).hexdigest(),
+            "start": data.start,
+            "layout": data.layout,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["wise_cl"]
+        """Resume a stream: refused onto another model, strategy, setting or stream (a longer stream of the
+        same requests is the same stream, extended)."""
+        path, state = self.trainer.ckpt_path, checkpoint["wise_cl"]
+        saved, current = state.get("identity"), self.run_identity()
+        if saved is None:
+            raise ValueError(f"{path}: made by an older wise-cl that did not record its run; start the run again")
+        for key, value in saved.items():
+            if key == "settings" and value != current[key]:
+                names = sorted(set(value) | set(current[key]))
+                changed = {n: (value.get(n), current[key].get(n)) for n in names if value.get(n) != current[key].get(n)}
+                raise ValueError(f"{path}: made with other strategy settings (saved, here): {changed}")
+            if current[key] != value:
+                raise ValueError(f"{path}: made for another run ({key} {value!r}, here {current[key]!r})")
+        if state["edits_done"] > len(self.stream):
+            raise ValueError(f"{path}: holds {state['edits_done']} edits, more than data.num_edits={len(self.stream)}")
+        self.reference = list(state["locality_reference"])
+        if len(self.reference) < len(self.stream):  # extended: the new requests' reference, before any edit loads
+            self.reference += locality_reference(self.model, self.tokenizer, self.stream[len(self.reference) :])
+            # the saved loop may have ended its epoch, which would end this fit at once: edits_done says where to go on
+            checkpoint.pop("loops", None)
         self.strategy.load_state_dict(state["strategy"])
         self.edits_done, self.edit_seconds = state["edits_done"], list(state["edit_seconds"])
         self.memory_seconds = state.get("memory_seconds", 0.0)
-        self.reference = state["locality_reference"]
+
+
+def strategy_settings(strategy: EditStrategy) -> dict[str, Any]:
+    """The strategy's constructor arguments that it keeps under their own names (plain values only)."""
+    names = {
+        name
+        for cls in type(strategy).__mro__
+        if "__init__" in vars(cls)
+        for name in inspect.signature(cls.__init__).parameters
+    }
+    plain = (bool, int, float, str, type(None))
+    return {name: getattr(strategy, name) for name in sorted(names) if isinstance(getattr(strategy, name, ()), plain)}
