@@ -12,7 +12,6 @@ Writes `routing.json` into the run folder.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import shlex
 import sys
@@ -24,6 +23,7 @@ import yaml
 from torch import Tensor
 
 from wise_cl import WISE, load_model, read_requests
+from wise_cl.callbacks import verified_checkpoint
 from wise_cl.editing_forward import CachedForward
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import per_request_mean
@@ -38,12 +38,11 @@ def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
             raise SystemExit(f"{needed}: not found; pass the folder of a finished `wise-cl fit` run")
     config = yaml.safe_load((folder / "config.yaml").read_text())
     spec, data = config["model"]["strategy"], config["data"]
-    module, _, name = spec["class_path"].rpartition(".")
-    strategy = getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-    if not isinstance(strategy, WISE):
+    if spec["class_path"] != f"{WISE.__module__}.WISE":  # nothing else is imported from a run folder
         raise SystemExit(f"{folder}: the run's strategy is {spec['class_path']}, not WISE")
+    strategy = WISE(**spec.get("init_args", {}))
     strategy.prepare(*load_model(config["model"]["model_name"]))
-    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["wise_cl"]
+    state = torch.load(verified_checkpoint(folder / "checkpoints" / "last.ckpt"), weights_only=True)["wise_cl"]
     strategy.load_state_dict(state["strategy"])
     requests = read_requests(data["path"], data.get("layout"), data["num_edits"], data.get("start") or 0)
     return strategy, requests, state["locality_reference"]

@@ -275,6 +275,8 @@ class WISE(LinearEditStrategy):
         shard_min_score = current if self.rehearse_shard else min(memory.shard_min_score, current)
         edits = [Edit(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
         memory.add(edits, shard_min_score)
+        if self.consolidate_steps:  # logged at every edit (0 when the shard is not full), or Lightning repeats it
+            stats["consolidation_steps"] = 0
         if self.consolidate_steps and memory.shard_full():
             stats["consolidation_steps"], scores = self.consolidate(memory.shard_edits, self.consolidate_steps)
             memory.shard_min_score = scores.min().item()

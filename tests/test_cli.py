@@ -93,6 +93,19 @@ def test_ckpt_path_last_extends_the_stream_in_its_own_run_folder(tmp_path, capsy
     longer, _ = run_cli("fit", ["--data.num_edits=3", "--ckpt_path=last"], tmp_path, capsys)
     assert (first["edits_done"], longer["edits_done"], longer["num_edits"]) == (2, 3, 3)
     assert [p.name for p in (tmp_path / "zsre_wise").iterdir()] == ["version_0"]
+    (checkpoint,) = tmp_path.glob("zsre_wise/version_0/checkpoints/last.ckpt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short
+    with pytest.raises(SystemExit, match=r"last.ckpt: damaged \(its SHA-256 differs"):
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/zsre_wise.yaml",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                *TINY_WISE,
+                "--ckpt_path=last",
+            ]
+        )
     with pytest.raises(SystemExit, match="holds no"):
         main(
             [

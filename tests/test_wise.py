@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY_LAYER
+from safetensors.torch import save_file
 
 from wise_cl.callbacks import EditCheckpoint, ForgettingCurve
 from wise_cl.data import EditBatch, EditStreamDataModule
@@ -273,6 +274,15 @@ def test_side_memories_save_and_load_round_trip(tiny, zsre10, tmp_path):
     assert adapter.thresholds == strategy.adapter.thresholds
     torch.testing.assert_close(fresh(**inputs).logits, edited)
     detach_side_memory(fresh, TINY_LAYER)
+    # a file that is not one, a NaN memory and a wrong shape are refused with the path named
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="bad.safetensors: not a side-memory file"):
+        load_side_memories(fresh, path)
+    for tau in (torch.full_like(strategy.adapter.taus[0], float("nan")), torch.zeros(3, 3)):
+        save_file({"tau.0": tau}, str(path), metadata={"layer": TINY_LAYER, "thresholds": "[1.0]"})
+        with pytest.raises(ValueError, match="bad.safetensors: tau.0 is not a finite"):
+            load_side_memories(fresh, path)
 
 
 class StopAfter(L.Callback):
@@ -316,6 +326,14 @@ def test_a_checkpoint_resumes_only_its_own_stream_and_extends_it(tmp_path):
     ):
         with pytest.raises(ValueError, match=rf"last.ckpt: .*{reason}"):
             run_stream(tmp_path / "other", [], ckpt_path=checkpoint, **other)
+    damaged = tmp_path / "damaged" / "last.ckpt"
+    damaged.parent.mkdir()
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit flipped
+    damaged.write_bytes(bytes(data))
+    (damaged.parent / "last.ckpt.sha256").write_text((tmp_path / "short" / "last.ckpt.sha256").read_text())
+    with pytest.raises(ValueError, match=r"damaged/last.ckpt: damaged \(its SHA-256 differs"):
+        run_stream(tmp_path / "other", [], ckpt_path=damaged, num_edits=3)
     # the same stream, longer: it goes on from edit 3 and ends where an uninterrupted stream does
     curves = [ForgettingCurve(every_n_edits=1), ForgettingCurve(every_n_edits=1)]
     extended = run_stream(tmp_path / "short", curves[:1], ckpt_path=checkpoint, num_edits=5)

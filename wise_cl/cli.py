@@ -15,6 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from wise_cl.callbacks import verified_checkpoint
 from wise_cl.data import EditStreamDataModule
 from wise_cl.models import ModelLoadError
 from wise_cl.module import EditingModule
@@ -71,6 +72,7 @@ class WiseCLI(LightningCLI):
             if not found:
                 raise ValueError(f"ckpt_path: 'last', but {runs} holds no */checkpoints/last.ckpt")
             config.ckpt_path = str(found[-1])
+        verified_checkpoint(config.ckpt_path)
         checkpoints = Path(config.ckpt_path).parent
         if init is not None and checkpoints.name == "checkpoints":
             run = checkpoints.parent

@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from wise_cl.callbacks import MemoryCallback
+from wise_cl.callbacks import MemoryCallback, verified_checkpoint
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import EditMetrics, locality_reference
 from wise_cl.models import load_model
@@ -139,7 +139,7 @@ class EditingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume a stream: refused onto another model, strategy, setting or stream (a longer stream of the
         same requests is the same stream, extended)."""
-        path, state = self.trainer.ckpt_path, checkpoint["wise_cl"]
+        path, state = verified_checkpoint(self.trainer.ckpt_path), checkpoint["wise_cl"]
         saved, current = state.get("identity"), self.run_identity()
         if saved is None:
             raise ValueError(f"{path}: made by an older wise-cl that did not record its run; start the run again")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -144,9 +145,20 @@ def save_side_memories(adapter: SideMemoryLinear, path: str | Path, layer: str) 
 
 def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
     """Attach the side memories saved by `save_side_memories` to a freshly loaded base model."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        taus = [f.get_tensor(f"tau.{i}") for i in range(len(f.keys()))]
-    adapter = attach_side_memory(model, metadata["layer"])
-    adapter.serve([tau.to(adapter.weight) for tau in taus], json.loads(metadata["thresholds"]))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            taus = [f.get_tensor(f"tau.{i}") for i in range(len(f.keys()))]
+        thresholds = json.loads(metadata["thresholds"])
+        layer = metadata["layer"]
+    except (OSError, KeyError, ValueError, safetensors.SafetensorError) as error:
+        raise ValueError(f"{path}: not a side-memory file written by save_side_memories ({error})") from None
+    if len(thresholds) != len(taus) or not all(isinstance(t, (int, float)) for t in thresholds):
+        raise ValueError(f"{path}: {len(taus)} side memories but thresholds {thresholds!r}")
+    weight = find_module(model, layer).weight
+    for i, tau in enumerate(taus):
+        if tau.shape != weight.shape or not torch.isfinite(tau).all():
+            raise ValueError(f"{path}: tau.{i} is not a finite {tuple(weight.shape)} matrix for layer '{layer}'")
+    adapter = attach_side_memory(model, layer)
+    adapter.serve([tau.to(adapter.weight) for tau in taus], thresholds)
     return adapter
