@@ -10,6 +10,7 @@ from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
 from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
 from wise_cl.benchmarks.routing import routing_report
+from wise_cl.benchmarks.soak import main as soak
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
 from wise_cl.strategies.wise import WISE
 
@@ -115,3 +116,12 @@ def test_activation_overlap_compares_edits_with_and_without_the_shared_direction
     own = torch.nn.functional.cosine_similarity(edit, rephrase).mean()
     assert rows[0]["own_rephrase"] == pytest.approx(float(own), abs=1e-5)
     assert rows[1]["own_rephrase"] != pytest.approx(rows[0]["own_rephrase"], abs=1e-4)
+
+
+def test_soak_kills_and_resumes_to_the_uninterrupted_result(tmp_path):
+    args = ["--config", "configs/zsre_wise_retrieve.yaml", "--num-edits", "4", "--kills", "2", "--min-seconds", "6"]
+    args += ["--max-seconds", "12", "--out", str(tmp_path), *TINY_WISE, "--model.strategy.edits_per_shard=1"]
+    result = soak(args)
+    assert len(result["kills"]) == 2 and result["uninterrupted"]["edits_done"] == 4
+    assert result["same_scores"] and result["same_side_memories"]
+    assert json.loads((tmp_path / "soak.json").read_text())["same_side_memories"] is True
