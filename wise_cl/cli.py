@@ -60,6 +60,8 @@ class WiseCLI(LightningCLI):
         """`--ckpt_path last` is the newest `last.ckpt` of the config's run name; a resumed run logs into
         the folder of the run it resumes (a TensorBoard logger's save_dir, name and version)."""
         config = self.config.get(str(self.subcommand), self.config)
+        if "weights_only" in config:  # checkpoints hold tensors and plain values: load nothing else
+            config.weights_only = True
         if not config.get("ckpt_path"):
             return
         logger = config.trainer.logger

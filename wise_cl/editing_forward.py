@@ -92,14 +92,13 @@ class FullForward:
         """Logits at the scored positions and the activation score of every row."""
         captured: list[Tensor] = []
         handle = self.adapter.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
-        self.adapter.train_tau = tau
         try:
             b = self.batch
-            logits = self.model(
-                input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids
-            ).logits
+            with self.adapter.trained_with(tau):
+                logits = self.model(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids
+                ).logits
         finally:
-            self.adapter.train_tau = None
             handle.remove()
         scores = sequence_scores(F.linear(captured[0], tau), self.score_mask)
         return logits[self.batch.scored], scores
@@ -181,16 +180,17 @@ class CachedForward(FullForward):
         ]
         index = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
         cut = (lambda x: x[index][:, columns]) if columns is not None else (lambda x: x[index])
-        self.adapter.train_tau = torch.zeros_like(self.adapter.weight)
         try:
-            with _layers_swapped(self.decoder, self.decoder.layers[: self.index + 1]):
+            with (
+                self.adapter.trained_with(torch.zeros_like(self.adapter.weight)),
+                _layers_swapped(self.decoder, self.decoder.layers[: self.index + 1]),
+            ):
                 self.decoder(
                     input_ids=cut(batch.input_ids),
                     attention_mask=cut(batch.attention_mask),
                     position_ids=cut(batch.position_ids),
                 )
         finally:
-            self.adapter.train_tau = None
             for hook in hooks:
                 hook.remove()
         return captured["a"], captured["out"][: self.upper[0]]

@@ -8,6 +8,8 @@ Each side memory is stored as a task vector tau = W' - W, so the side output is
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ class SideMemoryLinear(nn.Module):
     `taus` and `thresholds` hold the side memories that serve; a sequence goes to the memory with
     the highest activation score when that score exceeds the memory's threshold, else to the main
     memory. The route is decided once per sequence (per prompt during generation) and kept.
-    While `train_tau` is set, every row uses it instead (the editing forward).
+    Inside `with adapter.trained_with(tau)` every row uses `tau` instead (the editing forward).
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -61,6 +63,15 @@ class SideMemoryLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         return self.base.weight
+
+    @contextmanager
+    def trained_with(self, tau: Tensor) -> Iterator[None]:
+        """Within the block every sequence is answered by `W + tau`, unrouted (a task vector being trained)."""
+        self.train_tau = tau
+        try:
+            yield
+        finally:
+            self.train_tau = None
 
     def serve(self, taus: list[Tensor], thresholds: list[float]) -> None:
         """Answer with these side memories from now on, each above its threshold."""
