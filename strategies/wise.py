@@ -277,9 +277,9 @@ class WISE(LinearEditStrategy):
         memory.add(edits, shard_min_score)
         if self.consolidate_steps:  # logged at every edit (0 when the shard is not full), or Lightning repeats it
             stats["consolidation_steps"] = 0
-        if self.consolidate_steps and memory.shard_full():
-            stats["consolidation_steps"], scores = self.consolidate(memory.shard_edits, self.consolidate_steps)
-            memory.shard_min_score = scores.min().item()
+            if memory.shard_full():
+                stats["consolidation_steps"], scores = self.consolidate(memory.shard_edits, self.consolidate_steps)
+                memory.shard_min_score = scores.min().item()
         self.publish()
         return stats
 
@@ -394,7 +394,7 @@ class WISE(LinearEditStrategy):
 
     def memory_complete(self) -> bool:
         """WISE-Retrieve: the current memory has been merged, so it is ready to freeze."""
-        return self.retrieve and self.memory.merged is not None
+        return self.memory.merged is not None
 
     def spawn(self) -> None:
         """WISE-Retrieve: freeze the merged memory with its threshold and start an empty one."""

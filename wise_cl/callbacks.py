@@ -6,7 +6,6 @@ Lightning hook and the Avalanche plugin both call, so the schedule exists once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import Forgetting, per_request_mean
 from wise_cl.plotting import plot_curves
+from wise_cl.provenance import file_sha256
 from wise_cl.validation import require
 
 
@@ -97,14 +97,6 @@ class EditCheckpoint(Checkpoint):
             digest.write_text(file_sha256(partial) + "\n")
             os.replace(partial, folder / "last.ckpt")  # a kill between the two replaces leaves a mismatch:
             os.replace(digest, folder / "last.ckpt.sha256")  # refused on resume, never loaded half-written
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verified_checkpoint(path: str | Path) -> Path:

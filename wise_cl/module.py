@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import statistics
 import time
@@ -16,6 +15,7 @@ from wise_cl.callbacks import MemoryCallback, verified_checkpoint
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import EditMetrics, locality_reference
 from wise_cl.models import load_model
+from wise_cl.provenance import file_sha256
 from wise_cl.records import resolve_data_path
 from wise_cl.strategies.base import EditStrategy
 from wise_cl.strategies.wise import WISE
@@ -131,7 +131,7 @@ class EditingModule(L.LightningModule):
             "model": self.model_name,
             "strategy": f"{type(self.strategy).__module__}.{type(self.strategy).__qualname__}",
             "settings": strategy_settings(self.strategy),
-            "data_sha256": hashlib.sha256(resolve_data_path(data.path).read_bytes()).hexdigest(),
+            "data_sha256": file_sha256(resolve_data_path(data.path)),
             "start": data.start,
             "layout": data.layout,
         }
