@@ -59,10 +59,11 @@ def test_help_offers_only_fit_and_test(capsys):
     assert "fit" in out and "test" in out and "validate" not in out and "predict" not in out
 
 
-def test_output_has_no_lightning_tips(tmp_path, caplog):
+def test_output_has_no_lightning_tips_or_optimizer_warning(tmp_path, caplog, recwarn):
     args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
-    run(["test", *args, "--data.num_edits=1"])
+    run(["fit", *args, "--data.num_edits=1"])
     assert "GPU available" in caplog.text and "Tip" not in caplog.text
+    assert not [w for w in recwarn if "configure_optimizers" in str(w.message)]  # editing has no optimizer
 
 
 def test_a_text_longer_than_the_context_is_refused_before_editing(tmp_path):

@@ -28,6 +28,7 @@ HARMLESS_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",
     r".*does not have many workers.*",
     r".*LightningCLI's args parameter is intended to run from within Python.*",
+    r".*configure_optimizers` returned `None`.*",
 )
 # Lightning's loggers of rank-zero messages, which also carry its advertising tips
 RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
