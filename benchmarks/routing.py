@@ -23,7 +23,7 @@ import yaml
 from torch import Tensor
 
 from wise_cl import WISE, load_model, read_requests
-from wise_cl.callbacks import verified_checkpoint
+from wise_cl.checkpoints import load_run_state
 from wise_cl.editing_forward import CachedForward
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import per_request_mean
@@ -42,7 +42,7 @@ def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
         raise SystemExit(f"{folder}: the run's strategy is {spec['class_path']}, not WISE")
     strategy = WISE(**spec.get("init_args", {}))
     strategy.prepare(*load_model(config["model"]["model_name"]))
-    state = torch.load(verified_checkpoint(folder / "checkpoints" / "last.ckpt"), weights_only=True)["wise_cl"]
+    state = load_run_state(folder / "checkpoints" / "last.ckpt")
     strategy.load_state_dict(state["strategy"])
     requests = read_requests(data["path"], data.get("layout"), data["num_edits"], data.get("start") or 0)
     return strategy, requests, state["locality_reference"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from wise_cl.callbacks import verified_checkpoint
+from wise_cl.checkpoints import load_run_state, verified_checkpoint
 from wise_cl.provenance import code_version
 
 SCORES = ("reliability", "generalization", "locality", "exact_match", "perplexity", "edits_done")
@@ -80,8 +80,8 @@ def killed_run(command: list[str], folder: Path, kills: int, window: tuple[float
 def final_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's scores and the strategy state of its last checkpoint."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    state = torch.load(verified_checkpoint(folder / "checkpoints" / "last.ckpt"), weights_only=True)
-    return {k: metrics.get(k) for k in SCORES}, state["wise_cl"]["strategy"]
+    state = load_run_state(folder / "checkpoints" / "last.ckpt")
+    return {k: metrics.get(k) for k in SCORES}, state["strategy"]
 
 
 def same(a: Any, b: Any) -> bool:

@@ -16,6 +16,9 @@ class EditStrategy(ABC):
     """An editing method: prepares the model once, then edits it one experience (batch) at a time."""
 
     name: str = "strategy"
+    # keys of `state_dict()` holding lists that only grow, whose items never change once made: a checkpoint
+    # writes each item once, to its own file beside it
+    written_once: tuple[str, ...] = ()
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Install what the method needs (adapters, buffers) before the first edit."""

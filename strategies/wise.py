@@ -98,6 +98,7 @@ class WISE(LinearEditStrategy):
     """
 
     name = "wise"
+    written_once = ("frozen",)  # WISE-Retrieve's frozen memories
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ import torch
 from conftest import TINY_LAYER
 from safetensors.torch import save_file
 
+from wise_cl import checkpoints
 from wise_cl.callbacks import EditCheckpoint, ForgettingCurve
 from wise_cl.data import EditBatch, EditStreamDataModule
 from wise_cl.editing_forward import CachedForward, FullForward
@@ -313,6 +314,28 @@ def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path):
     assert torch.equal(resumed.strategy.memory.tau, whole.strategy.memory.tau)
     for a, b in zip(resumed.strategy.memory.shards, whole.strategy.memory.shards, strict=True):
         assert torch.equal(a, b)
+    assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
+
+
+def test_frozen_memories_are_written_once_beside_the_checkpoint(tmp_path, monkeypatch):
+    writes = []
+    monkeypatch.setattr(checkpoints, "save_file", lambda tensors, path: writes.append(path) or save_file(tensors, path))
+    retrieve = {"retrieve": True, "edits_per_shard": 1, "shards_per_merge": 1}  # a memory frozen at every edit
+    whole = run_stream(tmp_path / "whole", [], **retrieve)
+    assert len(whole.strategy.memory.frozen) == 5 and len(writes) == 5  # not 1 + 2 + ... + 5
+    saved = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)["wise_cl"]["strategy"]["frozen"]
+    assert [item["file"] for item in saved] == [f"frozen/{i:05d}.safetensors" for i in range(5)]
+    with pytest.raises(SystemExit):
+        run_stream(tmp_path / "killed", [StopAfter(3)], **retrieve)
+    frozen_file = tmp_path / "killed" / "frozen" / "00001.safetensors"
+    intact = frozen_file.read_bytes()
+    frozen_file.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))
+    with pytest.raises(ValueError, match=r"killed/frozen/00001.safetensors: damaged"):
+        run_stream(tmp_path / "killed", [], ckpt_path=tmp_path / "killed" / "last.ckpt", **retrieve)
+    frozen_file.write_bytes(intact)
+    resumed = run_stream(tmp_path / "killed", [], ckpt_path=tmp_path / "killed" / "last.ckpt", **retrieve)
+    for a, b in zip(resumed.strategy.memory.frozen, whole.strategy.memory.frozen, strict=True):
+        assert torch.equal(a.tau, b.tau) and a.min_score == b.min_score
     assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
 
 

@@ -92,25 +92,12 @@ class EditCheckpoint(Checkpoint):
             folder = Path(self.dirpath or Path(trainer.log_dir or ".") / "checkpoints")
             folder.mkdir(parents=True, exist_ok=True)
             partial = folder / "last.ckpt.partial"
+            pl_module.checkpoint_folder = folder  # where the module writes what it stores once beside the file
             trainer.save_checkpoint(partial, weights_only=False)
             digest = folder / "last.ckpt.sha256.partial"
             digest.write_text(file_sha256(partial) + "\n")
             os.replace(partial, folder / "last.ckpt")  # a kill between the two replaces leaves a mismatch:
             os.replace(digest, folder / "last.ckpt.sha256")  # refused on resume, never loaded half-written
-
-
-def verified_checkpoint(path: str | Path) -> Path:
-    """`path` if it is a checkpoint `EditCheckpoint` wrote and its SHA-256 still matches; else a `ValueError`
-    that names it (a damaged or foreign file is never loaded)."""
-    path = Path(path)
-    digest = path.with_name(path.name + ".sha256")
-    if not path.is_file():
-        raise ValueError(f"{path}: checkpoint not found")
-    if not digest.is_file():
-        raise ValueError(f"{path}: no {digest.name} beside it, so it cannot be checked; start the run again")
-    if file_sha256(path) != digest.read_text().strip():
-        raise ValueError(f"{path}: damaged (its SHA-256 differs from {digest.name}); start the run again")
-    return path
 
 
 def request_scores(

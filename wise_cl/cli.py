@@ -15,7 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from wise_cl.callbacks import verified_checkpoint
+from wise_cl.checkpoints import verified_checkpoint
 from wise_cl.data import EditStreamDataModule
 from wise_cl.models import ModelLoadError
 from wise_cl.module import EditingModule

@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from wise_cl.callbacks import MemoryCallback, verified_checkpoint
+from wise_cl.callbacks import MemoryCallback
+from wise_cl.checkpoints import WrittenOnce, read_written_once, verified_checkpoint
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import EditMetrics, locality_reference
 from wise_cl.models import load_model
@@ -47,6 +49,8 @@ class EditingModule(L.LightningModule):
         self.reference: list[Tensor] | None = None
         self.test_results: dict[str, float] = {}
         self.run_config: dict[str, Any] | None = None  # the resolved config, set by `wise-cl`
+        self.checkpoint_folder: Path | None = None  # set by `EditCheckpoint` before it saves
+        self.written_once = WrittenOnce()
 
     @property
     def stream(self) -> list:
@@ -113,8 +117,11 @@ class EditingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {}  # the base model is frozen: keep only what editing changed
+        strategy = self.strategy.state_dict()
+        for key in self.strategy.written_once if self.checkpoint_folder is not None else ():
+            strategy[key] = self.written_once.references(self.checkpoint_folder, key, strategy[key])
         checkpoint["wise_cl"] = {
-            "strategy": self.strategy.state_dict(),
+            "strategy": strategy,
             "edits_done": self.edits_done,
             "edit_seconds": self.edit_seconds,
             "memory_seconds": self.memory_seconds,
@@ -157,7 +164,7 @@ class EditingModule(L.LightningModule):
             self.reference += locality_reference(self.model, self.tokenizer, self.stream[len(self.reference) :])
             # the saved loop may have ended its epoch, which would end this fit at once: edits_done says where to go on
             checkpoint.pop("loops", None)
-        self.strategy.load_state_dict(state["strategy"])
+        self.strategy.load_state_dict(read_written_once(state["strategy"], path.parent))
         self.edits_done, self.edit_seconds = state["edits_done"], list(state["edit_seconds"])
         self.memory_seconds = state.get("memory_seconds", 0.0)
 
