@@ -23,6 +23,7 @@ from wise_cl.data import EditBatch
 from wise_cl.editing_forward import CachedForward, FullForward, ProjectedForward
 from wise_cl.merging import MERGE_METHODS
 from wise_cl.optimisation import edit_nll, optimise
+from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
 from wise_cl.records import read_subjects
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import save_side_memories
@@ -31,7 +32,6 @@ from wise_cl.strategies.wise_memory import Edit, ShardedMemory
 from wise_cl.validation import require, require_choice
 
 SHARED_DIRECTION_TEXTS = 500  # irrelevant texts whose activations give the shared input directions
-CONTEXT_SEEDS = ("I", "You", "Because", "Yes", "So", "The", "When", "It", "We", "In")
 
 
 class WISE(LinearEditStrategy):
@@ -164,7 +164,7 @@ class WISE(LinearEditStrategy):
         }
         for name, value in counts.items():
             require(value >= 0, name, "at least 0", value)
-        require(0 <= num_context <= len(CONTEXT_SEEDS), "num_context", f"in [0, {len(CONTEXT_SEEDS)}]", num_context)
+        require(0 <= num_context <= len(PREFIX_SEEDS), "num_context", f"in [0, {len(PREFIX_SEEDS)}]", num_context)
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
         self.merge_method, self.merge_density, self.prior_merge_weight = merge_method, merge_density, prior_merge_weight
@@ -217,22 +217,9 @@ class WISE(LinearEditStrategy):
         """Write the serving side memories alone (safetensors); see `load_side_memories`."""
         save_side_memories(self.adapter, path, self.layer)
 
-    @torch.no_grad()
     def generate_contexts(self) -> list[str]:
         """Short texts the unedited model writes after seeds like "I" or "Because" (sampled, seeded)."""
-        texts = []
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            for start in CONTEXT_SEEDS[: self.num_context]:
-                inputs = self.tokenizer(start, return_tensors="pt").to(self.model.device)
-                out = self.model.generate(
-                    **inputs,
-                    do_sample=True,
-                    max_new_tokens=self.context_length,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-                texts.append(" ".join(self.tokenizer.decode(out[0], skip_special_tokens=True).split()))
-        return texts
+        return generate_prefixes(self.model, self.tokenizer, self.num_context, self.context_length, self.seed)
 
     @torch.no_grad()
     def token_activations(self, texts: list[str]) -> list[Tensor]:

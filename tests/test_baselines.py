@@ -1,13 +1,17 @@
-"""The baseline strategies (FT-L, FT-EWC, GRACE, DEFER) on the tiny model: edits, checkpoints, routing, front ends."""
+"""The baseline strategies (FT-L, FT-EWC, GRACE, DEFER, ROME) on the tiny model: edits, checkpoints, routing,
+front ends."""
 
+import dataclasses
 import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_LAYER
 
+from wise_cl import key_statistics
 from wise_cl.avalanche import AvalancheEditor, edit_benchmark, edit_evaluator
 from wise_cl.cli import main
 from wise_cl.data import EditBatch
@@ -17,12 +21,14 @@ from wise_cl.side_memory import MAIN
 from wise_cl.strategies.defer import DEFER
 from wise_cl.strategies.finetune import EWC, EWCPenalty, FineTune
 from wise_cl.strategies.grace import GRACE
+from wise_cl.strategies.rome import ROME, subject_last_token
 
 STRATEGIES = {
     "ft": (FineTune, dict(n_iter=20)),
     "ewc": (EWC, dict(n_iter=20, kl_weight=0.0, ewc_lambda=100.0)),
     "grace": (GRACE, dict(n_iter=30, lr=20.0)),
     "defer": (DEFER, dict(n_iter=20, kl_weight=0.0)),
+    "rome": (ROME, dict(n_iter=20, num_prefixes=2, prefix_length=3, corpus_tokens=32)),
 }
 UNRELATED = "zzzz qqqq"
 
@@ -40,7 +46,7 @@ def logits(model, tokenizer, prompts):
     return model(**tokenizer(prompts, return_tensors="pt", padding=True)).logits
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", [name for name in STRATEGIES if name != "rome"])
 def test_edit_raises_target_probability(name, tiny, zsre10):
     model, tokenizer = tiny
     request = zsre10[0]
@@ -152,12 +158,61 @@ def test_defer_routes_edits_to_the_side_copy_and_other_text_to_the_original(tiny
     assert torch.equal(edited[1], unedited[1]) and not torch.equal(edited[0], unedited[0])
 
 
+def test_rome_update_is_rank_one_and_maps_the_key_to_its_new_value(tiny, zsre10):
+    strategy = tiny_strategy("rome")
+    strategy.prepare(*tiny)
+    edit_requests(strategy, zsre10[:1])  # the next update builds on this one
+    key, change, _ = strategy.key_and_value_change(zsre10[1])
+    weight = strategy.adapter.weight + strategy.tau
+    update = strategy.rank_one_update(key, change)
+    assert torch.linalg.matrix_rank(update) == 1 and change.norm() > 0
+    torch.testing.assert_close(F.linear(key, weight + update), F.linear(key, weight) + change, rtol=1e-4, atol=1e-4)
+
+
+def test_rome_raises_the_target_token_its_key_predicts(tiny, zsre10):
+    # the tiny random model carries little from a subject mid-prompt to the answer, so the key here is the
+    # prompt's last token (no subject), whose output predicts the target's first token
+    model, tokenizer = tiny
+    request = dataclasses.replace(zsre10[0], subject=None)
+    before = predict_answers(model, tokenizer, [request.prompt], [request.target]).nll[0]
+    strategy = tiny_strategy("rome")
+    strategy.prepare(model, tokenizer)
+    (stats,) = edit_requests(strategy, [request])
+    after = predict_answers(model, tokenizer, [request.prompt], [request.target]).nll[0]
+    assert after < before - 2.0 and stats["steps"] >= 1 and strategy.describe()["rank_one_edits"] == 1
+
+
+def test_rome_key_sits_at_the_subjects_last_token(tiny):
+    _, tokenizer = tiny  # one token per byte
+    text = "Ann Lee wrote. Where was Ann Lee born?"
+    assert subject_last_token(tokenizer, text, "Ann Lee") == text.rindex("Lee") + 2  # after any prefix
+    assert subject_last_token(tokenizer, text, "Bob") == subject_last_token(tokenizer, text, None) == len(text) - 1
+
+
+def test_key_second_moment_is_cached_per_model_layer_and_corpus(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(key_statistics, "cache_dir", lambda: tmp_path)
+    model, tokenizer = tiny
+    texts = ["The cat sat on the mat.", "A longer text about nothing much at all."]
+    first = key_statistics.cached_second_moment(model, tokenizer, TINY_LAYER, texts)
+    assert len(list((tmp_path / "key_statistics").glob("*.safetensors"))) == 1
+    assert torch.equal(key_statistics.cached_second_moment(model, tokenizer, TINY_LAYER, texts), first)
+    key_statistics.cached_second_moment(model, tokenizer, TINY_LAYER, texts[:1])
+    assert len(list((tmp_path / "key_statistics").glob("*.safetensors"))) == 2
+    with key_statistics.captured_inputs(model.model.layers[2].mlp.down_proj) as inputs:
+        model(**tokenizer(texts[:1], return_tensors="pt"))
+    keys = inputs[0][0].double()
+    torch.testing.assert_close(
+        key_statistics.second_moment(model, tokenizer, TINY_LAYER, texts[:1]), keys.T @ keys / len(keys)
+    )
+
+
 def test_bad_settings_name_the_field():
     for make, field in (
         (lambda: FineTune(lr=0.0), "strategy.lr"),
         (lambda: EWC(decay=1.5), "strategy.decay"),
         (lambda: GRACE(epsilon=-1.0), "strategy.epsilon"),
         (lambda: DEFER(classifier_steps=0), "strategy.classifier_steps"),
+        (lambda: ROME(clamp_norm=0.0), "strategy.clamp_norm"),
     ):
         with pytest.raises(ValueError, match=field):
             make()

@@ -24,6 +24,7 @@ _PUBLIC = {
     "EWC": "wise_cl.strategies.finetune",
     "GRACE": "wise_cl.strategies.grace",
     "DEFER": "wise_cl.strategies.defer",
+    "ROME": "wise_cl.strategies.rome",
     # data, models, serving
     "EditRequest": "wise_cl.records",
     "EditDataError": "wise_cl.records",

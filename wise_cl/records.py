@@ -241,6 +241,19 @@ def read_subjects(source: str | Path = "bundled") -> list[str]:
     return subjects
 
 
+def read_corpus(source: str | Path = "wikipedia") -> list[str]:
+    """Plain texts to measure a layer on: `wikipedia` (the 306 passages of the bundled hallucination training
+    split, prompt and continuation joined; no edit stream draws on them) or a JSON file holding a list of strings."""
+    if str(source) == "wikipedia":
+        path = bundled_path("hallucination/hallucination-train.json")
+        texts = [f"{record['prompt']} {record['target_new']}" for record in _load_json(path)]
+    else:
+        path = Path(source)
+        texts = _load_json(path)
+    _check_texts(path, texts)
+    return texts
+
+
 def _check_texts(path: Path, texts: Any) -> None:
     if not isinstance(texts, list) or not texts:
         raise EditDataError(path, "expected a non-empty JSON list of strings")

@@ -1,0 +1,182 @@
+"""ROME (Meng et al., 2022, "Locating and Editing Factual Associations in GPT"): each edit is a rank-one change
+to one MLP output projection, computed in closed form.
+
+For an edit with subject s, prompt p and target o:
+- the key k is the layer's input at the last token of s in p, averaged over p alone and p after each of a few
+  prefixes the model writes itself;
+- the value change d is optimised so that adding it to the layer's output at that token makes the model
+  answer o after every prefix, while "{s} is a" keeps its next-token distribution (KL term), with weight
+  decay and a norm clamp relative to the current output W k;
+- W' = W + d (C^-1 k)^T / (k^T C^-1 k), with C = E[k k^T] over a text corpus: W' k = W k + d exactly, and
+  the keys least like k (under C) change least.
+Edits are applied one after another, each to the weight the earlier ones left. The change is served as a
+task vector `tau` = W' - W that answers every sequence, so `detach` gives back the unedited model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from wise_cl.data import EditBatch
+from wise_cl.key_statistics import added_to_output, cached_second_moment, captured_inputs
+from wise_cl.optimisation import edit_nll
+from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
+from wise_cl.records import EditRequest, read_corpus
+from wise_cl.rows import teacher_forced_batch
+from wise_cl.strategies.base import LinearEditStrategy
+from wise_cl.validation import require
+
+RIDGE = 1e-4  # C + RIDGE * mean(diag C) * I: keeps the solve stable where the corpus leaves C nearly singular
+
+
+def subject_last_token(tokenizer: PreTrainedTokenizerBase, text: str, subject: str | None) -> int:
+    """Index of the token holding the last character of `subject`'s last occurrence in `text` (after any prefix;
+    the text's last token when there is no subject or it does not occur)."""
+    end = text.rfind(subject) + len(subject) if subject and subject in text else len(text)
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    return max(i for i, (start, stop) in enumerate(offsets) if stop > start and start < end)
+
+
+class ROME(LinearEditStrategy):
+    """ROME: a closed-form rank-one edit of one MLP output projection per request (see the module docstring).
+
+    Args:
+        layer: module path of the MLP output projection (LLaMA: `model.layers.<i>.mlp.down_proj`).
+        n_iter: Adam steps on the value change, at most.
+        lr: Adam learning rate on the value change.
+        early_stop_loss: stop once the target NLL (mean over the prefixed prompts) is below this.
+        kl_weight: weight of KL(edited || unedited) on the next token after "{subject} is a".
+        weight_decay: weight of ||d||^2 / ||W k||^2.
+        clamp_norm: ||d|| is kept at most this many times ||W k||.
+        num_prefixes: generated prefixes the key and value are averaged over (besides the bare prompt).
+        prefix_length: tokens per generated prefix.
+        corpus: texts C is measured on: `wikipedia` (bundled, see `read_corpus`) or a JSON list of strings.
+        corpus_tokens: tokens per corpus text at most.
+        seed: seed of the prefix sampling.
+    """
+
+    name = "rome"
+
+    def __init__(
+        self,
+        layer: str = "model.layers.6.mlp.down_proj",
+        n_iter: int = 20,
+        lr: float = 0.5,
+        early_stop_loss: float = 0.05,
+        kl_weight: float = 0.0625,
+        weight_decay: float = 0.5,
+        clamp_norm: float = 4.0,
+        num_prefixes: int = 10,
+        prefix_length: int = 10,
+        corpus: str = "wikipedia",
+        corpus_tokens: int = 128,
+        seed: int = 0,
+    ) -> None:
+        require(n_iter >= 1, "n_iter", "at least 1", n_iter)
+        require(lr > 0, "lr", "positive", lr)
+        require(kl_weight >= 0, "kl_weight", "non-negative", kl_weight)
+        require(weight_decay >= 0, "weight_decay", "non-negative", weight_decay)
+        require(clamp_norm > 0, "clamp_norm", "positive", clamp_norm)
+        require(0 <= num_prefixes <= len(PREFIX_SEEDS), "num_prefixes", f"in [0, {len(PREFIX_SEEDS)}]", num_prefixes)
+        require(prefix_length >= 1, "prefix_length", "at least 1", prefix_length)
+        require(corpus_tokens >= 1, "corpus_tokens", "at least 1", corpus_tokens)
+        self.layer, self.n_iter, self.lr, self.early_stop_loss = layer, n_iter, lr, early_stop_loss
+        self.kl_weight, self.weight_decay, self.clamp_norm = kl_weight, weight_decay, clamp_norm
+        self.num_prefixes, self.prefix_length, self.seed = num_prefixes, prefix_length, seed
+        self.corpus, self.corpus_tokens = corpus, corpus_tokens
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        moment = cached_second_moment(model, tokenizer, self.layer, read_corpus(self.corpus), self.corpus_tokens)
+        super().prepare(model, tokenizer)
+        self.inverse_moment = torch.linalg.inv(moment + RIDGE * moment.diagonal().mean() * torch.eye(len(moment)))
+        self.tau = torch.zeros_like(self.adapter.weight)
+        self.prefixes: list[str] | None = None
+        self.edits = 0
+
+    # editing ------------------------------------------------------------------------------------
+
+    def edit(self, batch: EditBatch) -> dict[str, float]:
+        stats = {}
+        for request in batch.requests:
+            key, change, stats = self.key_and_value_change(request)
+            self.tau += self.rank_one_update(key, change)
+            self.edits += 1
+            self.publish()
+        return stats
+
+    def prompts(self, request: EditRequest) -> list[str]:
+        """The bare prompt, then the prompt after each generated prefix."""
+        if self.prefixes is None:
+            self.prefixes = generate_prefixes(
+                self.model, self.tokenizer, self.num_prefixes, self.prefix_length, self.seed
+            )
+        return [request.prompt] + [f"{prefix} {request.prompt}" for prefix in self.prefixes]
+
+    def key_and_value_change(self, request: EditRequest) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """The key k (the layer's input at the subject's last token, averaged over the prompts) and the value
+        change d optimised at that token; with the last step's losses."""
+        prompts = self.prompts(request)
+        essence = f"{request.subject} is a" if request.subject else request.prompt
+        rows = teacher_forced_batch(self.tokenizer, [*prompts, essence], [request.target] * len(prompts) + [""])
+        rows = rows.to(self.model.device)
+        texts = [*prompts, essence]
+        at = torch.tensor([subject_last_token(self.tokenizer, text, request.subject) for text in texts])
+        row_index = torch.arange(len(texts))
+        last = rows.attention_mask.sum(-1)[-1] - 1  # the essence row predicts its next token here
+
+        def logits_with(change: Tensor | None) -> Tensor:
+            """The rows' logits with `change` added to the layer's output at the subject tokens (None: as is)."""
+            with added_to_output(self.adapter, row_index, at, change):
+                inputs = dict(attention_mask=rows.attention_mask, position_ids=rows.position_ids)
+                return self.model(rows.input_ids, **inputs).logits
+
+        with torch.no_grad(), captured_inputs(self.adapter) as inputs:
+            reference = logits_with(None)[-1, last].float().log_softmax(-1)
+        key = inputs[0][row_index[:-1], at[:-1]].mean(0)
+        current_norm = F.linear(key, self.adapter.weight + self.tau).norm()
+        change = key.new_zeros(self.adapter.weight.shape[0], requires_grad=True)
+        optimizer, steps = torch.optim.Adam([change], lr=self.lr), 0
+        while steps < self.n_iter:
+            steps += 1
+            logits = logits_with(change)
+            nll = edit_nll(logits[rows.scored], rows, len(prompts)).mean()
+            kl = F.kl_div(reference, logits[-1, last].float().log_softmax(-1), log_target=True, reduction="sum")
+            decay = change.pow(2).sum() / current_norm.pow(2)
+            loss = nll + self.kl_weight * kl + self.weight_decay * decay
+            if nll.item() < self.early_stop_loss:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                change.mul_(min(1.0, (self.clamp_norm * current_norm / change.norm().clamp(min=1e-12)).item()))
+        stats = {"loss": loss.item(), "edit_loss": nll.item(), "kl": kl.item(), "steps": float(steps)}
+        return key.detach(), change.detach(), stats
+
+    def rank_one_update(self, key: Tensor, change: Tensor) -> Tensor:
+        """d (C^-1 k)^T / (k^T C^-1 k): maps k to d, and moves the keys least like k the least."""
+        direction = self.inverse_moment.to(key.device) @ key.double()
+        return (torch.outer(change.double(), direction) / (direction @ key.double())).to(self.tau.dtype)
+
+    def publish(self) -> None:
+        """Serve the weight change to every sequence (no router)."""
+        self.adapter.serve([self.tau], [-math.inf])
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": self.layer, "tau_norm": float(self.tau.norm()), "rank_one_edits": self.edits}
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tau": self.tau.clone(), "prefixes": self.prefixes, "edits": self.edits}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tau = state["tau"].to(self.adapter.weight)
+        self.prefixes, self.edits = state["prefixes"], state["edits"]
+        self.publish()

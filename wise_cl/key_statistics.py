@@ -1,0 +1,87 @@
+"""Hooks on one Linear layer (its inputs, the "keys" in ROME's words, captured; a vector added to its output at
+chosen tokens) and the keys' second moment over a text corpus, computed once per model, layer and corpus and
+cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from wise_cl.models import cache_dir, find_module
+
+
+@contextmanager
+def captured_inputs(module: nn.Module) -> Iterator[list[Tensor]]:
+    """Within the block, the input of every forward of `module` is appended to the yielded list."""
+    inputs: list[Tensor] = []
+    handle = module.register_forward_hook(lambda _module, args, _output: inputs.append(args[0]))
+    try:
+        yield inputs
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def added_to_output(module: nn.Module, rows: Tensor, positions: Tensor, vector: Tensor | None) -> Iterator[None]:
+    """Within the block, `vector` is added to `module`'s output at each (row, position) pair (None: nothing)."""
+
+    def add(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+        return out.index_put((rows, positions), vector.to(out.dtype).expand(len(rows), -1), accumulate=True)
+
+    handle = module.register_forward_hook(add) if vector is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@torch.no_grad()
+def second_moment(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: str, texts: list[str], max_tokens: int = 128
+) -> Tensor:
+    """E[k k^T] (float64, [in, in]) of the input k of `layer` over the real tokens of `texts`, each cut to
+    `max_tokens` tokens."""
+    module, total, count = find_module(model, layer), None, 0
+    for start in range(0, len(texts), 8):
+        batch = tokenizer(
+            texts[start : start + 8], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
+        ).to(model.device)
+        with captured_inputs(module) as inputs:
+            model(**batch)
+        keys = inputs[0][batch["attention_mask"].bool()].double()
+        total = keys.T @ keys if total is None else total + keys.T @ keys
+        count += len(keys)
+    return total / count
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """The model's config and a checksum of its weights (cheap: one sum per tensor)."""
+    digest = hashlib.sha256(model.config.to_json_string().encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{float(tensor.double().sum()):.10e}".encode())
+    return digest.hexdigest()
+
+
+def cached_second_moment(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: str, texts: list[str], max_tokens: int = 128
+) -> Tensor:
+    """`second_moment`, read from the user cache when this model, layer and corpus were seen before."""
+    key = json.dumps([model_fingerprint(model), layer, texts, max_tokens])
+    path = cache_dir() / "key_statistics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["second_moment"]
+    moment = second_moment(model, tokenizer, layer, texts, max_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(f"{path}.partial")
+    save_file({"second_moment": moment}, str(partial))
+    partial.replace(path)
+    return moment
