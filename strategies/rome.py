@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
@@ -28,7 +28,7 @@ from wise_cl.key_statistics import added_to_output, cached_second_moment, captur
 from wise_cl.optimisation import edit_nll
 from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
 from wise_cl.records import EditRequest, read_corpus
-from wise_cl.rows import teacher_forced_batch
+from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.strategies.base import LinearEditStrategy
 from wise_cl.validation import require
 
@@ -92,19 +92,24 @@ class ROME(LinearEditStrategy):
         self.corpus, self.corpus_tokens = corpus, corpus_tokens
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        moment = cached_second_moment(model, tokenizer, self.layer, read_corpus(self.corpus), self.corpus_tokens)
+        self.measure_keys(model, tokenizer)  # before any adapter: the cache is keyed by the unedited model
         super().prepare(model, tokenizer)
-        self.inverse_moment = torch.linalg.inv(moment + RIDGE * moment.diagonal().mean() * torch.eye(len(moment)))
         self.tau = torch.zeros_like(self.adapter.weight)
         self.prefixes: list[str] | None = None
         self.edits = 0
+
+    def measure_keys(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """C^-1 for the edited layer (C from the corpus, cached)."""
+        moment = cached_second_moment(model, tokenizer, self.layer, read_corpus(self.corpus), self.corpus_tokens)
+        self.inverse_moment = torch.linalg.inv(moment + RIDGE * moment.diagonal().mean() * torch.eye(len(moment)))
 
     # editing ------------------------------------------------------------------------------------
 
     def edit(self, batch: EditBatch) -> dict[str, float]:
         stats = {}
         for request in batch.requests:
-            key, change, stats = self.key_and_value_change(request)
+            key = self.keys(self.adapter, [request])[0]
+            change, stats = self.value_change(request, key)
             self.tau += self.rank_one_update(key, change)
             self.edits += 1
             self.publish()
@@ -118,33 +123,48 @@ class ROME(LinearEditStrategy):
             )
         return [request.prompt] + [f"{prefix} {request.prompt}" for prefix in self.prefixes]
 
-    def key_and_value_change(self, request: EditRequest) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """The key k (the layer's input at the subject's last token, averaged over the prompts) and the value
-        change d optimised at that token; with the last step's losses."""
+    def rows_at_subject(
+        self, texts: list[str], subjects: list[str | None], answers: list[str]
+    ) -> tuple[TeacherForcedBatch, Tensor]:
+        """`text + answer` rows, and per row the token of its subject's last character."""
+        rows = teacher_forced_batch(self.tokenizer, texts, answers).to(self.model.device)
+        at = [subject_last_token(self.tokenizer, text, subject) for text, subject in zip(texts, subjects, strict=True)]
+        return rows, torch.tensor(at, device=self.model.device)
+
+    def run(self, rows: TeacherForcedBatch) -> Tensor:
+        return self.model(rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids).logits
+
+    @torch.no_grad()
+    def keys(self, module: nn.Module, requests: list[EditRequest]) -> Tensor:
+        """Per request, `module`'s input at the subject's last token averaged over its prompts: [requests, in]."""
+        texts = [self.prompts(request) for request in requests]
+        subjects = [request.subject for request, group in zip(requests, texts, strict=True) for _ in group]
+        flat = [text for group in texts for text in group]
+        rows, at = self.rows_at_subject(flat, subjects, [""] * len(flat))
+        with captured_inputs(module) as inputs:
+            self.run(rows)
+        per_row = inputs[0][torch.arange(len(flat)), at].split([len(group) for group in texts])
+        return torch.stack([group.mean(0) for group in per_row])
+
+    def value_change(self, request: EditRequest, key: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The change d to the layer's output at the subject's last token that makes every prompt give the target
+        (Adam on NLL + KL on "{subject} is a" + weight decay, ||d|| clamped relative to the current output at
+        `key`); with the last step's losses."""
         prompts = self.prompts(request)
         essence = f"{request.subject} is a" if request.subject else request.prompt
-        rows = teacher_forced_batch(self.tokenizer, [*prompts, essence], [request.target] * len(prompts) + [""])
-        rows = rows.to(self.model.device)
         texts = [*prompts, essence]
-        at = torch.tensor([subject_last_token(self.tokenizer, text, request.subject) for text in texts])
-        row_index = torch.arange(len(texts))
+        rows, at = self.rows_at_subject(texts, [request.subject] * len(texts), [request.target] * len(prompts) + [""])
+        row_index = torch.arange(len(texts), device=at.device)
         last = rows.attention_mask.sum(-1)[-1] - 1  # the essence row predicts its next token here
-
-        def logits_with(change: Tensor | None) -> Tensor:
-            """The rows' logits with `change` added to the layer's output at the subject tokens (None: as is)."""
-            with added_to_output(self.adapter, row_index, at, change):
-                inputs = dict(attention_mask=rows.attention_mask, position_ids=rows.position_ids)
-                return self.model(rows.input_ids, **inputs).logits
-
-        with torch.no_grad(), captured_inputs(self.adapter) as inputs:
-            reference = logits_with(None)[-1, last].float().log_softmax(-1)
-        key = inputs[0][row_index[:-1], at[:-1]].mean(0)
+        with torch.no_grad():
+            reference = self.run(rows)[-1, last].float().log_softmax(-1)
         current_norm = F.linear(key, self.adapter.weight + self.tau).norm()
         change = key.new_zeros(self.adapter.weight.shape[0], requires_grad=True)
         optimizer, steps = torch.optim.Adam([change], lr=self.lr), 0
         while steps < self.n_iter:
             steps += 1
-            logits = logits_with(change)
+            with added_to_output(self.adapter, row_index, at, change):
+                logits = self.run(rows)
             nll = edit_nll(logits[rows.scored], rows, len(prompts)).mean()
             kl = F.kl_div(reference, logits[-1, last].float().log_softmax(-1), log_target=True, reduction="sum")
             decay = change.pow(2).sum() / current_norm.pow(2)
@@ -157,7 +177,7 @@ class ROME(LinearEditStrategy):
             with torch.no_grad():
                 change.mul_(min(1.0, (self.clamp_norm * current_norm / change.norm().clamp(min=1e-12)).item()))
         stats = {"loss": loss.item(), "edit_loss": nll.item(), "kl": kl.item(), "steps": float(steps)}
-        return key.detach(), change.detach(), stats
+        return change.detach(), stats
 
     def rank_one_update(self, key: Tensor, change: Tensor) -> Tensor:
         """d (C^-1 k)^T / (k^T C^-1 k): maps k to d, and moves the keys least like k the least."""
@@ -169,7 +189,7 @@ class ROME(LinearEditStrategy):
         self.adapter.serve([self.tau], [-math.inf])
 
     def describe(self) -> dict[str, Any]:
-        return {"layer": self.layer, "tau_norm": float(self.tau.norm()), "rank_one_edits": self.edits}
+        return {"layer": self.layer, "tau_norm": float(self.tau.norm()), "edits": self.edits}
 
     # checkpoints --------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ _PUBLIC = {
     "GRACE": "wise_cl.strategies.grace",
     "DEFER": "wise_cl.strategies.defer",
     "ROME": "wise_cl.strategies.rome",
+    "MEMIT": "wise_cl.strategies.memit",
     # data, models, serving
     "EditRequest": "wise_cl.records",
     "EditDataError": "wise_cl.records",

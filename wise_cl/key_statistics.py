@@ -30,6 +30,19 @@ def captured_inputs(module: nn.Module) -> Iterator[list[Tensor]]:
 
 
 @contextmanager
+def captured_outputs(module: nn.Module) -> Iterator[list[Tensor]]:
+    """Within the block, the output of every forward of `module` (its first element, for a tuple) is appended."""
+    outputs: list[Tensor] = []
+    handle = module.register_forward_hook(
+        lambda _module, _args, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def added_to_output(module: nn.Module, rows: Tensor, positions: Tensor, vector: Tensor | None) -> Iterator[None]:
     """Within the block, `vector` is added to `module`'s output at each (row, position) pair (None: nothing)."""
 

@@ -1,0 +1,145 @@
+"""MEMIT (Meng et al., 2023, "Mass-Editing Memory in a Transformer"): ROME's value change spread over several
+consecutive MLP output projections, for a batch of edits at once.
+
+Per experience: each request's value change d_i is optimised at the last layer's output (ROME's procedure),
+which sets the target residual z_i = h_i + d_i at that layer (the subject's last token of the bare prompt).
+Then layer by layer from the first: the keys K (each request's layer input at the subject's last token,
+averaged over its prompts) and the gap still open, R = (z - h) / (layers left), give the least-squares change
+W_l += R^T K (lambda C_l + K^T K)^-1, which maps K towards R while keeping the corpus keys' outputs
+(C_l = E[k k^T] over the corpus, weight lambda). One experience holding the whole stream is MEMIT-MASS
+(`data.edits_per_experience` at least T); one edit per experience is MEMIT applied edit by edit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from wise_cl.data import EditBatch
+from wise_cl.editing_forward import decoder_layer_index
+from wise_cl.key_statistics import cached_second_moment, captured_outputs
+from wise_cl.models import find_module
+from wise_cl.records import EditRequest, read_corpus
+from wise_cl.side_memory import attach_side_memory, detach_side_memory
+from wise_cl.strategies.rome import ROME
+from wise_cl.validation import require
+
+
+def consecutive_layers(last: str, count: int) -> list[str]:
+    """`count` module paths like `last` in the consecutive decoder layers that end at its own
+    (`model.layers.8.mlp.down_proj`, 3 -> layers 6, 7 and 8)."""
+    index = decoder_layer_index(last)
+    require(count <= index + 1, "num_layers", f"at most {index + 1} (layers 0..{index} end at `layer`)", count)
+    return [
+        re.sub(r"(^|\.)layers\.\d+\.", rf"\1layers.{i}.", last, count=1) for i in range(index - count + 1, index + 1)
+    ]
+
+
+class MEMIT(ROME):
+    """MEMIT: ROME's edit spread over `num_layers` MLP output projections ending at `layer` (see the module
+    docstring); every experience is one batch update.
+
+    Args:
+        layer: the last edited projection, where the value changes are optimised.
+        num_layers: consecutive layers edited, ending at `layer`.
+        moment_weight: lambda, the weight of the corpus keys' second moment against the batch's keys.
+        **kwargs: ROME's value-change, prefix and corpus settings.
+    """
+
+    name = "memit"
+
+    def __init__(
+        self,
+        layer: str = "model.layers.8.mlp.down_proj",
+        num_layers: int = 5,
+        moment_weight: float = 15000.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(layer=layer, **kwargs)
+        require(num_layers >= 1, "num_layers", "at least 1", num_layers)
+        require(moment_weight > 0, "moment_weight", "positive", moment_weight)
+        self.num_layers, self.moment_weight = num_layers, moment_weight
+        self.layers = consecutive_layers(layer, num_layers)
+
+    def measure_keys(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """C_l for every edited layer (from the corpus, cached)."""
+        corpus = read_corpus(self.corpus)
+        self.moments = {
+            layer: cached_second_moment(model, tokenizer, layer, corpus, self.corpus_tokens) for layer in self.layers
+        }
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().prepare(model, tokenizer)
+        self.adapters = {layer: attach_side_memory(model, layer) for layer in self.layers[:-1]} | {
+            self.layer: self.adapter
+        }
+        self.taus = {layer: torch.zeros_like(adapter.weight) for layer, adapter in self.adapters.items()}
+        self.tau = self.taus[self.layer]
+        self.residual = find_module(
+            model, re.match(r"(.*?(?:^|\.)layers\.\d+)\.", self.layer).group(1)
+        )  # its decoder layer
+
+    def detach(self) -> None:
+        for layer in self.layers[:-1]:
+            detach_side_memory(self.model, layer)
+        super().detach()
+
+    # editing ------------------------------------------------------------------------------------
+
+    def edit(self, batch: EditBatch) -> dict[str, float]:
+        requests = batch.requests
+        start = self.residual_at_subject(requests)
+        stats, changes = [], []
+        for request, key in zip(requests, self.keys(self.adapter, requests), strict=True):
+            change, request_stats = self.value_change(request, key)
+            changes.append(change)
+            stats.append(request_stats)
+        target = start + torch.stack(changes)
+        for index, layer in enumerate(self.layers):
+            keys = self.keys(self.adapters[layer], requests)
+            gap = (target - self.residual_at_subject(requests)) / (len(self.layers) - index)
+            self.taus[layer] += self.layer_update(layer, keys, gap)
+            self.publish()
+        self.edits += len(requests)
+        return {name: statistics.fmean(s[name] for s in stats) for name in stats[0]}
+
+    @torch.no_grad()
+    def residual_at_subject(self, requests: list[EditRequest]) -> Tensor:
+        """The residual stream after the last edited layer at each bare prompt's subject token: [requests, out]."""
+        rows, at = self.rows_at_subject(
+            [r.prompt for r in requests], [r.subject for r in requests], [""] * len(requests)
+        )
+        with captured_outputs(self.residual) as outputs:
+            self.run(rows)
+        return outputs[0][torch.arange(len(requests)), at]
+
+    def layer_update(self, layer: str, keys: Tensor, gap: Tensor) -> Tensor:
+        """The change D minimising ||D K^T - R^T||^2 + lambda tr(D C D^T): D = R^T K (lambda C + K^T K)^-1."""
+        keys = keys.double()
+        system = self.moment_weight * self.moments[layer].to(keys.device) + keys.T @ keys
+        return (gap.double().T @ torch.linalg.solve(system, keys.T).T).to(self.tau.dtype)
+
+    def publish(self) -> None:
+        for layer, adapter in self.adapters.items():
+            adapter.serve([self.taus[layer]], [-math.inf])
+
+    def describe(self) -> dict[str, Any]:
+        norm = float(torch.stack([tau.norm() for tau in self.taus.values()]).norm())
+        return {"layer": self.layer, "layers": self.layers, "tau_norm": norm, "edits": self.edits}
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taus": {k: v.clone() for k, v in self.taus.items()}, "prefixes": self.prefixes, "edits": self.edits}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for layer, tau in state["taus"].items():
+            self.taus[layer].copy_(tau)
+        self.prefixes, self.edits = state["prefixes"], state["edits"]
+        self.publish()
