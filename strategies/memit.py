@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
 from wise_cl.editing_forward import decoder_layer_index
-from wise_cl.key_statistics import cached_second_moment, captured_outputs
+from wise_cl.key_statistics import cached_second_moments, captured_outputs
 from wise_cl.models import find_module
 from wise_cl.records import EditRequest, read_corpus
 from wise_cl.side_memory import attach_side_memory, detach_side_memory
@@ -70,9 +70,7 @@ class MEMIT(ROME):
     def measure_keys(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """C_l for every edited layer (from the corpus, cached)."""
         corpus = read_corpus(self.corpus)
-        self.moments = {
-            layer: cached_second_moment(model, tokenizer, layer, corpus, self.corpus_tokens) for layer in self.layers
-        }
+        self.moments = cached_second_moments(model, tokenizer, self.layers, corpus, self.corpus_tokens)
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)

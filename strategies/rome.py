@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
-from wise_cl.key_statistics import added_to_output, cached_second_moment, captured_inputs
+from wise_cl.key_statistics import added_to_output, cached_second_moments, captured_inputs
 from wise_cl.optimisation import edit_nll
 from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
 from wise_cl.records import EditRequest, read_corpus
@@ -100,7 +100,8 @@ class ROME(LinearEditStrategy):
 
     def measure_keys(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """C^-1 for the edited layer (C from the corpus, cached)."""
-        moment = cached_second_moment(model, tokenizer, self.layer, read_corpus(self.corpus), self.corpus_tokens)
+        corpus = read_corpus(self.corpus)
+        moment = cached_second_moments(model, tokenizer, [self.layer], corpus, self.corpus_tokens)[self.layer]
         self.inverse_moment = torch.linalg.inv(moment + RIDGE * moment.diagonal().mean() * torch.eye(len(moment)))
 
     # editing ------------------------------------------------------------------------------------

@@ -218,21 +218,24 @@ def test_rome_key_sits_at_the_subjects_last_token(tiny):
     assert subject_last_token(tokenizer, text, "Bob") == subject_last_token(tokenizer, text, None) == len(text) - 1
 
 
-def test_key_second_moment_is_cached_per_model_layer_and_corpus(tiny, tmp_path, monkeypatch):
+def test_key_second_moments_are_cached_per_model_layer_and_corpus(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(key_statistics, "cache_dir", lambda: tmp_path)
     model, tokenizer = tiny
-    texts = ["The cat sat on the mat.", "A longer text about nothing much at all."]
-    first = key_statistics.cached_second_moment(model, tokenizer, TINY_LAYER, texts)
+    texts, other = (
+        ["The cat sat on the mat.", "A longer text about nothing much at all."],
+        "model.layers.1.mlp.down_proj",
+    )
+    first = key_statistics.cached_second_moments(model, tokenizer, [TINY_LAYER], texts)[TINY_LAYER]
     assert len(list((tmp_path / "key_statistics").glob("*.safetensors"))) == 1
-    assert torch.equal(key_statistics.cached_second_moment(model, tokenizer, TINY_LAYER, texts), first)
-    key_statistics.cached_second_moment(model, tokenizer, TINY_LAYER, texts[:1])
-    assert len(list((tmp_path / "key_statistics").glob("*.safetensors"))) == 2
+    both = key_statistics.cached_second_moments(model, tokenizer, [other, TINY_LAYER], texts)  # one read, one new
+    assert torch.equal(both[TINY_LAYER], first) and not torch.equal(both[other], first)
+    key_statistics.cached_second_moments(model, tokenizer, [TINY_LAYER], texts[:1])
+    assert len(list((tmp_path / "key_statistics").glob("*.safetensors"))) == 3
     with key_statistics.captured_inputs(model.model.layers[2].mlp.down_proj) as inputs:
         model(**tokenizer(texts[:1], return_tensors="pt"))
     keys = inputs[0][0].double()
-    torch.testing.assert_close(
-        key_statistics.second_moment(model, tokenizer, TINY_LAYER, texts[:1]), keys.T @ keys / len(keys)
-    )
+    moments = key_statistics.second_moments(model, tokenizer, [TINY_LAYER], texts[:1])
+    torch.testing.assert_close(moments[TINY_LAYER], keys.T @ keys / len(keys))
 
 
 def test_bad_settings_name_the_field():

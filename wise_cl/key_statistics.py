@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -58,22 +58,35 @@ def added_to_output(module: nn.Module, rows: Tensor, positions: Tensor, vector: 
 
 
 @torch.no_grad()
-def second_moment(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: str, texts: list[str], max_tokens: int = 128
-) -> Tensor:
-    """E[k k^T] (float64, [in, in]) of the input k of `layer` over the real tokens of `texts`, each cut to
-    `max_tokens` tokens."""
-    module, total, count = find_module(model, layer), None, 0
-    for start in range(0, len(texts), 8):
-        batch = tokenizer(
-            texts[start : start + 8], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
-        ).to(model.device)
-        with captured_inputs(module) as inputs:
+def second_moments(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: list[str],
+    texts: list[str],
+    max_tokens: int = 128,
+) -> dict[str, Tensor]:
+    """Per layer, E[k k^T] (float64, [in, in]) of its input k over the real tokens of `texts` (each cut to
+    `max_tokens` tokens), all from one pass over the texts."""
+    totals: dict[str, Tensor | float] = dict.fromkeys(layers, 0.0)
+    count = 0
+    with ExitStack() as stack:
+        captured = {layer: stack.enter_context(captured_inputs(find_module(model, layer))) for layer in layers}
+        for start in range(0, len(texts), 8):
+            batch = tokenizer(
+                texts[start : start + 8],
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                truncation=True,
+                max_length=max_tokens,
+            ).to(model.device)
             model(**batch)
-        keys = inputs[0][batch["attention_mask"].bool()].double()
-        total = keys.T @ keys if total is None else total + keys.T @ keys
-        count += len(keys)
-    return total / count
+            real = batch["attention_mask"].bool()
+            for layer, inputs in captured.items():
+                keys = inputs.pop()[real].double()
+                totals[layer] = totals[layer] + keys.T @ keys
+            count += int(real.sum())
+    return {layer: total / count for layer, total in totals.items()}
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
@@ -84,17 +97,27 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return digest.hexdigest()
 
 
-def cached_second_moment(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: str, texts: list[str], max_tokens: int = 128
-) -> Tensor:
-    """`second_moment`, read from the user cache when this model, layer and corpus were seen before."""
-    key = json.dumps([model_fingerprint(model), layer, texts, max_tokens])
-    path = cache_dir() / "key_statistics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["second_moment"]
-    moment = second_moment(model, tokenizer, layer, texts, max_tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(f"{path}.partial")
-    save_file({"second_moment": moment}, str(partial))
-    partial.replace(path)
-    return moment
+def cached_second_moments(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: list[str],
+    texts: list[str],
+    max_tokens: int = 128,
+) -> dict[str, Tensor]:
+    """`second_moments`, each read from the user cache when this model, layer and corpus were seen before (the
+    missing ones computed in one pass and cached)."""
+    fingerprint, folder = model_fingerprint(model), cache_dir() / "key_statistics"
+    names = {layer: json.dumps([fingerprint, layer, texts, max_tokens]).encode() for layer in layers}
+    paths = {layer: folder / f"{hashlib.sha256(name).hexdigest()[:32]}.safetensors" for layer, name in names.items()}
+    computed = second_moments(
+        model, tokenizer, [layer for layer in layers if not paths[layer].is_file()], texts, max_tokens
+    )
+    for layer, moment in computed.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = Path(f"{paths[layer]}.partial")
+        save_file({"second_moment": moment}, str(partial))
+        partial.replace(paths[layer])
+    return {
+        layer: computed[layer] if layer in computed else load_file(str(paths[layer]))["second_moment"]
+        for layer in layers
+    }
