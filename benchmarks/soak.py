@@ -7,6 +7,9 @@ python -m wise_cl.benchmarks.soak --config configs/zsre_wise_retrieve.yaml --num
 Each kill is SIGKILL at a uniform random moment between `--min-seconds` and `--max-seconds` after the
 process starts (seeded), so kills land in model loading, mid-edit, mid-checkpoint-write and mid-merge alike;
 the next start resumes with `--ckpt_path last`. Writes `soak.json` with every kill and the comparison.
+A start spends about 40 s loading before its first edit on the bundled model (about 13 s per edit after
+that), so the default window (15-150 s) lets ten kills move through most of a 50-edit stream; a window
+that ends near the loading time kills the same few edits over and over.
 """
 
 from __future__ import annotations
@@ -100,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--num-edits", type=int, default=50)
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--min-seconds", type=float, default=5.0)
-    parser.add_argument("--max-seconds", type=float, default=90.0)
+    parser.add_argument("--min-seconds", type=float, default=15.0)
+    parser.add_argument("--max-seconds", type=float, default=150.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"))
     args, extra = parser.parse_known_args(argv)
