@@ -417,10 +417,19 @@ class WISE(LinearEditStrategy):
     # checkpoints --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.memory.state_dict(), "contexts": list(self.contexts), "negatives": dict(self.negatives)}
+        # the memo too: activations computed in another batch differ in the last bits, so a resumed run that
+        # recomputed them would drift from an uninterrupted one
+        memo = [(list(tokens), activation) for tokens, activation in self.activation_memo.items()]
+        return {
+            **self.memory.state_dict(),
+            "contexts": list(self.contexts),
+            "negatives": dict(self.negatives),
+            "activation_memo": memo,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.memory.load_state_dict(state)
         self.contexts = list(state["contexts"])
         self.negatives = dict(state["negatives"])
+        self.activation_memo = {tuple(tokens): activation for tokens, activation in state.get("activation_memo", [])}
         self.publish()

@@ -1,3 +1,4 @@
+import io
 import json
 
 import lightning as L
@@ -12,6 +13,7 @@ from wise_cl.data import EditBatch, EditStreamDataModule
 from wise_cl.editing_forward import CachedForward, FullForward
 from wise_cl.evaluation import predict_answers
 from wise_cl.merging import merge_task_vectors
+from wise_cl.models import load_model
 from wise_cl.module import EditingModule
 from wise_cl.rows import teacher_forced_batch
 from wise_cl.side_memory import MAIN, attach_side_memory, detach_side_memory, load_side_memories
@@ -268,7 +270,6 @@ def test_side_memories_save_and_load_round_trip(tiny, zsre10, tmp_path):
     inputs = tokenizer([r.prompt for r in zsre10[:3]], return_tensors="pt", padding=True)
     edited = model(**inputs).logits
     strategy.save_side_memories(tmp_path / "side.safetensors")
-    from wise_cl.models import load_model
 
     fresh, _ = load_model("tiny")
     adapter = load_side_memories(fresh, tmp_path / "side.safetensors")
@@ -315,6 +316,22 @@ def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path):
     for a, b in zip(resumed.strategy.memory.shards, whole.strategy.memory.shards, strict=True):
         assert torch.equal(a, b)
     assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
+
+
+def test_the_activation_memo_survives_a_checkpoint(tiny, zsre10):
+    # activations recomputed in another batch differ in the last bits: a resumed run must reuse the saved ones
+    strategy = small_wise(n_iter=2)
+    strategy.prepare(*tiny)
+    edit_requests(strategy, zsre10[:2])
+    assert strategy.activation_memo
+    buffer = io.BytesIO()
+    torch.save(strategy.state_dict(), buffer)
+    buffer.seek(0)
+    restored = small_wise(n_iter=2)
+    restored.prepare(*load_model("tiny"))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.activation_memo.keys() == strategy.activation_memo.keys()
+    assert all(torch.equal(restored.activation_memo[k], v) for k, v in strategy.activation_memo.items())
 
 
 def test_frozen_memories_are_written_once_beside_the_checkpoint(tmp_path, monkeypatch):
