@@ -238,6 +238,26 @@ def test_key_second_moments_are_cached_per_model_layer_and_corpus(tiny, tmp_path
     torch.testing.assert_close(moments[TINY_LAYER], keys.T @ keys / len(keys))
 
 
+@pytest.mark.parametrize(
+    ("cls", "option", "value"),
+    [
+        (ROME, "n_iter", 0),
+        (ROME, "lr", 0.0),
+        (ROME, "kl_weight", -1.0),
+        (ROME, "weight_decay", -1.0),
+        (ROME, "clamp_norm", 0.0),
+        (ROME, "num_prefixes", 11),
+        (ROME, "prefix_length", 0),
+        (ROME, "corpus_tokens", 0),
+        (MEMIT, "num_layers", 0),
+        (MEMIT, "moment_weight", 0.0),
+    ],
+)
+def test_every_bad_rome_and_memit_option_is_refused_with_its_name(cls, option, value):
+    with pytest.raises(ValueError, match=rf"strategy\.{option}"):
+        cls(**{option: value})
+
+
 def test_bad_settings_name_the_field():
     for make, field in (
         (lambda: FineTune(lr=0.0), "strategy.lr"),
