@@ -24,7 +24,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from wise_cl.data import EditBatch
 from wise_cl.editing_forward import decoder_layer_index
 from wise_cl.key_statistics import cached_second_moments, captured_outputs
-from wise_cl.models import find_module
 from wise_cl.records import EditRequest, read_corpus
 from wise_cl.side_memory import attach_side_memory, detach_side_memory
 from wise_cl.strategies.rome import ROME
@@ -79,9 +78,7 @@ class MEMIT(ROME):
         }
         self.taus = {layer: torch.zeros_like(adapter.weight) for layer, adapter in self.adapters.items()}
         self.tau = self.taus[self.layer]
-        self.residual = find_module(
-            model, re.match(r"(.*?(?:^|\.)layers\.\d+)\.", self.layer).group(1)
-        )  # its decoder layer
+        self.residual = model.base_model.layers[decoder_layer_index(self.layer)]  # its output: the residual stream
 
     def detach(self) -> None:
         for layer in self.layers[:-1]:
@@ -101,7 +98,8 @@ class MEMIT(ROME):
         target = start + torch.stack(changes)
         for index, layer in enumerate(self.layers):
             keys = self.keys(self.adapters[layer], requests)
-            gap = (target - self.residual_at_subject(requests)) / (len(self.layers) - index)
+            residual = start if index == 0 else self.residual_at_subject(requests)  # nothing changed before layer 0
+            gap = (target - residual) / (len(self.layers) - index)
             self.taus[layer] += self.layer_update(layer, keys, gap)
             self.publish()
         self.edits += len(requests)
