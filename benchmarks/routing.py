@@ -19,31 +19,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
-from wise_cl import WISE, load_model, read_requests
-from wise_cl.checkpoints import load_run_state
+from wise_cl import WISE, read_requests
 from wise_cl.editing_forward import CachedForward
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import per_request_mean
 from wise_cl.rows import teacher_forced_batch
+from wise_cl.serving import wise_run
 from wise_cl.side_memory import MAIN, route
 
 
 def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
     """The run's WISE strategy with its final side memories, its requests and locality reference."""
-    for needed in (folder / "config.yaml", folder / "checkpoints" / "last.ckpt"):
-        if not needed.is_file():
-            raise SystemExit(f"{needed}: not found; pass the folder of a finished `wise-cl fit` run")
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    spec, data = config["model"]["strategy"], config["data"]
-    if spec["class_path"] != f"{WISE.__module__}.WISE":  # nothing else is imported from a run folder
-        raise SystemExit(f"{folder}: the run's strategy is {spec['class_path']}, not WISE")
-    strategy = WISE(**spec.get("init_args", {}))
-    strategy.prepare(*load_model(config["model"]["model_name"]))
-    state = load_run_state(folder / "checkpoints" / "last.ckpt")
-    strategy.load_state_dict(state["strategy"])
+    try:
+        strategy, config, state = wise_run(folder)
+    except ValueError as error:
+        raise SystemExit(f"{error}; pass the folder of a `wise-cl fit` run of WISE") from None
+    data = config["data"]
     requests = read_requests(data["path"], data.get("layout"), data["num_edits"], data.get("start") or 0)
     return strategy, requests, state["locality_reference"]
 

@@ -1,5 +1,5 @@
-"""The baseline strategies (FT-L, FT-EWC, GRACE, DEFER, ROME) on the tiny model: edits, checkpoints, routing,
-front ends."""
+"""The baseline strategies (FT-L, FT-EWC, GRACE, DEFER, ROME, MEMIT, MEND) on the tiny model: edits,
+checkpoints, routing, front ends."""
 
 import dataclasses
 import io
@@ -17,11 +17,13 @@ from wise_cl.cli import main
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import predict_answers
 from wise_cl.models import load_model
+from wise_cl.optimisation import edit_nll
 from wise_cl.side_memory import MAIN
 from wise_cl.strategies.defer import DEFER
 from wise_cl.strategies.finetune import EWC, EWCPenalty, FineTune
 from wise_cl.strategies.grace import GRACE
 from wise_cl.strategies.memit import MEMIT, consecutive_layers
+from wise_cl.strategies.mend import MEND
 from wise_cl.strategies.rome import ROME, subject_last_token
 
 STRATEGIES = {
@@ -33,8 +35,13 @@ STRATEGIES = {
     # no prefixes: the tiny model's keys move 40-80% with a prefix, and a weakly damped batch update fitted to
     # the averaged keys misses the bare prompt's
     "memit": (MEMIT, dict(n_iter=20, num_layers=2, moment_weight=10.0, num_prefixes=0, corpus_tokens=32)),
+    "mend": (MEND, dict(num_layers=2, editor=None, rank=8)),  # an untrained network: one gradient step
 }
-CLI_EXTRA = {"memit": ["--model.strategy.num_layers=2"]}  # the tiny model has 4 layers
+N_ITER = ["--model.strategy.n_iter=3"]
+CLI_EXTRA = {  # the tiny model has 4 layers
+    "memit": [*N_ITER, "--model.strategy.num_layers=2"],
+    "mend": ["--model.strategy.num_layers=2", "--model.strategy.editor=null", "--model.strategy.rank=8"],
+}
 UNRELATED = "zzzz qqqq"
 
 
@@ -51,7 +58,7 @@ def logits(model, tokenizer, prompts):
     return model(**tokenizer(prompts, return_tensors="pt", padding=True)).logits
 
 
-@pytest.mark.parametrize("name", [name for name in STRATEGIES if name not in ("rome", "memit")])
+@pytest.mark.parametrize("name", [name for name in STRATEGIES if name not in ("rome", "memit", "mend")])
 def test_edit_raises_target_probability(name, tiny, zsre10):
     model, tokenizer = tiny
     request = zsre10[0]
@@ -87,6 +94,55 @@ def test_state_survives_a_checkpoint_and_detach_restores_the_model(name, tiny, z
 
     strategy.detach()
     assert torch.equal(logits(model, tokenizer, prompts), unedited)
+
+
+def test_mend_with_a_zero_network_leaves_the_model_unchanged(tiny, zsre10):
+    model, tokenizer = tiny
+    prompts = [zsre10[0].prompt, UNRELATED]
+    unedited = logits(model, tokenizer, prompts)
+    strategy = tiny_strategy("mend")
+    strategy.prepare(model, tokenizer)
+    for parameter in strategy.editor.parameters():
+        parameter.data.zero_()
+    edit_requests(strategy, zsre10[:2])
+    assert torch.equal(logits(model, tokenizer, prompts), unedited)
+
+
+def test_an_untrained_mend_network_takes_a_plain_gradient_step(tiny, zsre10):
+    model, tokenizer = tiny
+    strategy = tiny_strategy("mend")
+    strategy.prepare(model, tokenizer)
+    strategy.editor.lrs.data.fill_(1.0)
+    rows = strategy.edit_rows(zsre10[:2])
+    changes = strategy.changes(strategy.gradient_factors(rows))
+    # the gradient of the same loss with respect to each layer's weight, by autograd
+    probes = {layer: torch.zeros_like(tau, requires_grad=True) for layer, tau in strategy.taus.items()}
+    with strategy.changed(probes):  # computes with W - probe
+        loss = edit_nll(strategy.logits(rows), rows, 2).mean()
+    grads = torch.autograd.grad(loss, list(probes.values()))
+    for change, grad in zip(changes.values(), grads, strict=True):
+        assert change.abs().max() > 0
+        torch.testing.assert_close(change, -grad, rtol=1e-4, atol=1e-7)
+
+
+def test_mend_network_file_round_trip_and_refusals(tiny, tmp_path):
+    model, tokenizer = tiny
+    strategy = tiny_strategy("mend")
+    strategy.prepare(model, tokenizer)
+    strategy.editor.observe(torch.randn(5, strategy.editor.down.in_features))
+    torch.nn.init.normal_(strategy.editor.up.weight)
+    path = tmp_path / "editor.safetensors"
+    strategy.save_editor(path)
+    loaded = tiny_strategy("mend", editor=str(path))
+    loaded.prepare(*load_model("tiny"))
+    for key, value in strategy.editor.state_dict().items():
+        assert torch.equal(loaded.editor.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="strategy.editor: .* trained for layers"):
+        tiny_strategy("mend", num_layers=1, editor=str(path)).prepare(*load_model("tiny"))
+    with pytest.raises(ValueError, match="strategy.editor: .* another network shape"):
+        tiny_strategy("mend", editor=str(path), rank=4).prepare(*load_model("tiny"))
+    with pytest.raises(ValueError, match="strategy.editor: .* not found"):
+        tiny_strategy("mend", editor=str(tmp_path / "missing.safetensors")).prepare(*load_model("tiny"))
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance():
@@ -281,9 +337,8 @@ def test_cli_fit_runs_each_baseline_config(name, tmp_path, capsys):
             "--model.model_name=tiny",
             "--model.exact_match=false",
             f"--model.strategy.layer={TINY_LAYER}",
-            "--model.strategy.n_iter=3",
             "--data.num_edits=2",
-            *CLI_EXTRA.get(name, []),
+            *CLI_EXTRA.get(name, N_ITER),
         ]
     )
     path = Path(capsys.readouterr().out.strip().splitlines()[-1])

@@ -9,9 +9,10 @@ from conftest import TINY_WISE
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from wise_cl.cli import USER_ERRORS, main, run
-from wise_cl.data import EditStreamDataModule
+from wise_cl.data import EditStreamDataModule, as_chat
 from wise_cl.models import ModelLoadError, find_module, load_model
-from wise_cl.records import EditDataError
+from wise_cl.records import EditDataError, read_requests
+from wise_cl.rows import teacher_forced_batch
 
 
 def run_cli(command, args, tmp_path, capsys):
@@ -52,11 +53,11 @@ def test_progress_is_written_as_lines_without_a_terminal(tmp_path):
     assert isinstance(cli.trainer.progress_bar_callback, TQDMProgressBar)
 
 
-def test_help_offers_only_fit_and_test(capsys):
+def test_help_offers_fit_test_and_predict(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert "fit" in out and "test" in out and "validate" not in out and "predict" not in out
+    assert "fit" in out and "test" in out and "predict" in out and "validate" not in out
 
 
 def test_output_has_no_lightning_tips_or_optimizer_warning(tmp_path, caplog, recwarn):
@@ -137,6 +138,24 @@ def test_unknown_model_and_layer_give_clear_errors(tmp_path):
 def test_bad_stream_settings_are_named():
     with pytest.raises(ValueError, match="data.num_edits"):
         EditStreamDataModule(num_edits=0)
+
+
+def test_chat_template_wraps_every_prompt_and_the_answer_follows_the_turn(tmp_path):
+    _, tokenizer = load_model("tiny")
+    with pytest.raises(ValueError, match="has no chat template"):
+        as_chat(read_requests("zsre", limit=1), tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{{ '<assistant>\\n' }}"
+    (request,) = as_chat(read_requests("zsre", limit=1), tokenizer)
+    (plain,) = read_requests("zsre", limit=1)
+    assert request.prompt == f"<user>{plain.prompt}\n<assistant>\n" and request.target == plain.target
+    assert request.locality_prompt == f"<user>{plain.locality_prompt}\n<assistant>\n"
+    assert request.rephrases == tuple(f"<user>{r}\n<assistant>\n" for r in plain.rephrases)
+    batch = teacher_forced_batch(tokenizer, [request.prompt], [request.target])
+    assert tokenizer.decode(batch.input_ids[0]).endswith(f"<assistant>\n{plain.target}")  # no space after the turn
+    # through the CLI: the run records the option, and its stream is the chat one
+    args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
+    with pytest.raises(SystemExit, match="has no chat template"):
+        main(["test", *args, "--data.num_edits=1", "--data.chat_template=true"])
 
 
 def test_stream_batches_follow_file_order():

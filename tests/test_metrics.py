@@ -1,16 +1,24 @@
 import pytest
 import torch
 
-from wise_cl.evaluation import EditMetrics, generate_answers, locality_reference, predict_answers
-from wise_cl.metrics import ExactMatch, Forgetting, TokenAccuracy, normalize_answer
+from wise_cl.evaluation import (
+    EditMetrics,
+    first_lines,
+    generate_answers,
+    generation_reference,
+    locality_reference,
+    predict_answers,
+)
+from wise_cl.metrics import AnswerMatch, ExactMatch, Forgetting, TokenAccuracy, normalize_answer
 
 
 def scores(model, tokenizer, requests, batch_size, padding_side):
     metrics = EditMetrics(exact_match=True, padding_side=padding_side)
     reference = locality_reference(model, tokenizer, requests)
+    generated = generation_reference(model, tokenizer, requests)
     for start in range(0, len(requests), batch_size):
         chunk = slice(start, start + batch_size)
-        metrics.update(model, tokenizer, requests[chunk], reference[chunk])
+        metrics.update(model, tokenizer, requests[chunk], reference[chunk], generated[chunk])
     return metrics.compute()
 
 
@@ -20,11 +28,13 @@ def test_scores_do_not_depend_on_batch_size_or_padding_side(tiny, zsre10):
     one = scores(model, tokenizer, requests, 1, "right")
     eight = scores(model, tokenizer, requests, 8, "right")
     left = scores(model, tokenizer, requests, 8, "left")
-    assert set(one) == {"reliability", "generalization", "locality", "perplexity", "exact_match"}
+    free = {"exact_match", "answer_match", "rephrase_answer_match", "generation_locality"}
+    assert set(one) == {"reliability", "generalization", "locality", "perplexity", *free}
     for name in one:
         assert one[name] == pytest.approx(eight[name], rel=1e-5)
         assert one[name] == pytest.approx(left[name], rel=1e-5)
-    assert one["locality"] == 1.0  # unedited model against its own predictions
+    # the unedited model against its own predictions and continuations
+    assert one["locality"] == 1.0 and one["generation_locality"] == 1.0
 
 
 def test_token_accuracy_averages_per_request_first():
@@ -64,6 +74,15 @@ def test_exact_match_uses_greedy_generation(tiny, zsre10):
     metric = ExactMatch()
     metric.update(generated[:2] + ["definitely not this"] * 2, [g.upper() + "!" for g in generated[:2]] + targets[2:])
     assert metric.compute().item() == 0.5
+
+
+def test_answer_match_counts_answers_that_start_with_the_target(tiny):
+    model, tokenizer = tiny
+    answers = first_lines(model, tokenizer, ["ab", "abcdef"], max_new_tokens=8)
+    assert all("\n" not in a for a in answers)
+    metric = AnswerMatch()
+    metric.update(["Paris, the capital.", "the Beatles", "Lyon"], ["paris", "The Beatles!", "Paris"])
+    assert metric.compute().item() == pytest.approx(2 / 3)
 
 
 def test_normalize_answer():

@@ -32,6 +32,9 @@ _PUBLIC = {
     "read_requests": "wise_cl.records",
     "load_model": "wise_cl.models",
     "load_side_memories": "wise_cl.side_memory",
+    "load_edited": "wise_cl.serving",
+    "export_edited": "wise_cl.serving",
+    "answer_prompts": "wise_cl.serving",
     "EditMetrics": "wise_cl.evaluation",
     # Avalanche
     "edit_benchmark": "wise_cl.avalanche",

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch, EditRequests
-from wise_cl.evaluation import EditMetrics, locality_reference
+from wise_cl.evaluation import EditMetrics, generation_reference, locality_reference
 from wise_cl.records import EditRequest
 from wise_cl.strategies.base import EditStrategy
 
@@ -131,16 +131,19 @@ class AvalancheEditor(BaseTemplate):
         self.metrics = EditMetrics(exact_match=exact_match)
         self.eval_batch_size = eval_batch_size
         self.reference: list[Tensor] | None = None
+        self.generation_reference: list[Tensor] | None = None
         self.edits_done = 0
         self.edit_stats: dict[str, float] = {}
         self.scores: dict[str, float] = {}
         self.dataloader: DataLoader | list = []  # the eval batches; InteractiveLogger sizes its progress bar by it
 
-    def ensure_locality_reference(self) -> list[Tensor]:
-        """The unedited model's locality predictions for all requests, computed once."""
+    def ensure_locality_reference(self) -> None:
+        """The unedited model's locality predictions (and continuations, when free generation is scored) for all
+        requests, computed once."""
         if self.reference is None:
             self.reference = locality_reference(self.model, self.tokenizer, self.requests)
-        return self.reference
+        if self.generation_reference is None and self.metrics.exact_match_enabled:
+            self.generation_reference = generation_reference(self.model, self.tokenizer, self.requests)
 
     def train(self, experiences: CLExperience | Iterable[CLExperience], **kwargs: Any) -> dict[str, Any]:
         """Edit the experiences in order; return the last value of every metric."""
@@ -179,7 +182,9 @@ class AvalancheEditor(BaseTemplate):
 
     def _eval_exp(self, **kwargs: Any) -> None:
         for batch in self.dataloader:
-            self.metrics.update(self.model, self.tokenizer, batch.requests, [self.reference[i] for i in batch.indices])
+            generated = [self.generation_reference[i] for i in batch.indices] if self.generation_reference else None
+            reference = [self.reference[i] for i in batch.indices]
+            self.metrics.update(self.model, self.tokenizer, batch.requests, reference, generated)
             trigger_plugins(self, "after_eval_iteration", **kwargs)
 
     def _after_eval(self, **kwargs: Any) -> None:

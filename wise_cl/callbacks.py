@@ -1,4 +1,4 @@
-"""Callbacks of a lifelong editing run: WISE memory management and forgetting curves.
+"""Callbacks of a lifelong editing run: WISE memory management, forgetting curves, `predict` answers.
 
 The memory callbacks act after each experience through `after_edit(strategy)`, which the
 Lightning hook and the Avalanche plugin both call, so the schedule exists once.
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint
 
 from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import Forgetting, per_request_mean
@@ -179,3 +179,30 @@ class ForgettingCurve(Callback):
             self.forgetting = Forgetting(len(states["best"]))
             for name, value in states.items():
                 setattr(self.forgetting, name, value)
+
+
+class AnswerWriter(BasePredictionWriter):
+    """Writes `predict`'s answers to `predictions.jsonl` in the log folder, one JSON object per prompt, as each
+    batch is answered."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path = Path(trainer.log_dir or ".") / "predictions.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        with self.path.open("a") as out:
+            out.writelines(json.dumps(answer) + "\n" for answer in prediction)

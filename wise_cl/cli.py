@@ -1,7 +1,9 @@
-"""`wise-cl`: the LightningCLI of lifelong editing (`fit` edits the stream then scores it, `test` scores)."""
+"""`wise-cl`: the LightningCLI of lifelong editing (`fit` edits the stream then scores it, `test` scores,
+`predict` answers prompts with the edited model) and `wise-cl export RUN OUT` (an edited model to use)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -11,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from wise_cl.checkpoints import verified_checkpoint
 from wise_cl.data import EditStreamDataModule
 from wise_cl.models import ModelLoadError
 from wise_cl.module import EditingModule
 from wise_cl.provenance import code_version
+from wise_cl.serving import export_edited
 
 # Lightning warnings that do not apply to editing runs (frozen eval-mode model, text batches, no optimizer)
 HARMLESS_WARNINGS = (
@@ -34,20 +37,39 @@ HARMLESS_WARNINGS = (
 RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 # what a user's input can raise: unusable data or options, a model or layer that cannot be found
 USER_ERRORS = (ValueError, LookupError, TypeError, OSError, ModelLoadError)
-TABLE_KEYS = ("reliability", "generalization", "ood_generalization", "locality", "exact_match", "perplexity")
+TABLE_KEYS = (
+    "reliability",
+    "generalization",
+    "ood_generalization",
+    "locality",
+    "exact_match",
+    "answer_match",
+    "rephrase_answer_match",
+    "generation_locality",
+    "perplexity",
+)
 
 
 def _not_a_tip(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")
 
 
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config into the log folder, except a `predict`'s into a run folder that has one."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict" and Path(trainer.log_dir or ".", self.config_filename).is_file():
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class WiseCLI(LightningCLI):
-    """LightningCLI whose runs end by writing `metrics.json` into the log folder; `fit` and `test` only
-    (validation and prediction have no meaning for an edit stream)."""
+    """LightningCLI whose `fit` and `test` end by writing `metrics.json` into the log folder and whose `predict`
+    writes `predictions.jsonl` there (validation has no meaning for an edit stream)."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name in ("fit", "test")}
+        return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name != "validate"}
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Without a terminal (nohup, a pipe) progress goes to the log as tqdm lines: Rich draws nothing there."""
@@ -101,18 +123,27 @@ class WiseCLI(LightningCLI):
     def after_test(self) -> None:
         self.write_metrics()
 
+    def after_predict(self) -> None:
+        folder = Path(self.trainer.log_dir or ".")
+        drop_empty_hparams(folder)
+        print(folder / "predictions.jsonl")
+
     def write_metrics(self) -> None:
         summary = {**self.model.summary(), "commit": self.commit, "config": self.model.run_config}
         folder = Path(self.trainer.log_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "metrics.json"
         path.write_text(json.dumps(summary, indent=2) + "\n")
-        # the module logs no hyperparameters, so TensorBoard's hparams.yaml is empty: config.yaml is the config
-        empty_hparams = folder / "hparams.yaml"
-        if empty_hparams.is_file() and not yaml.safe_load(empty_hparams.read_text()):
-            empty_hparams.unlink()
+        drop_empty_hparams(folder)
         print(format_table(summary))
         print(path)
+
+
+def drop_empty_hparams(folder: Path) -> None:
+    """The module logs no hyperparameters, so TensorBoard's hparams.yaml is empty: config.yaml is the config."""
+    hparams = folder / "hparams.yaml"
+    if hparams.is_file() and not yaml.safe_load(hparams.read_text()):
+        hparams.unlink()
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -140,6 +171,7 @@ def run(args: list[str] | None = None) -> WiseCLI:
         EditStreamDataModule,
         args=args,
         seed_everything_default=0,
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "max_epochs": 1,
@@ -152,15 +184,41 @@ def run(args: list[str] | None = None) -> WiseCLI:
 
 def main(args: list[str] | None = None) -> None:
     """The `wise-cl` command: a user's mistake (bad data, option, model or layer) ends in a short message
-    naming it; `--verbose` shows the traceback instead."""
+    naming it; `--verbose` shows the traceback instead. `--prompt TEXT` (repeatable) sets `data.prompts`."""
     argv = list(sys.argv[1:] if args is None else args)
     verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
     try:
-        run([a for a in argv if a != "--verbose"])
+        if argv[:1] == ["export"]:
+            export(argv[1:])
+        else:
+            run(prompts_as_data_option(argv))
     except USER_ERRORS as error:
         if verbose:
             raise
         sys.exit(f"wise-cl: error: {short_message(error)}\n(add --verbose for the traceback)")
+
+
+def export(args: list[str]) -> None:
+    """`wise-cl export RUN OUT`: a WISE run's side memories and routing settings, for `wise_cl.load_edited`."""
+    parser = argparse.ArgumentParser(prog="wise-cl export", description=export.__doc__)
+    parser.add_argument("run", type=Path, help="a WISE run folder or its checkpoints/last.ckpt")
+    parser.add_argument("out", type=Path, help="the folder to write")
+    options = parser.parse_args(args)
+    print(export_edited(options.run, options.out))
+
+
+def prompts_as_data_option(argv: list[str]) -> list[str]:
+    """`--prompt A --prompt B` as `--data.prompts=["A", "B"]`."""
+    prompts, rest, args = [], [], iter(argv)
+    for arg in args:
+        if arg == "--prompt":
+            prompts.append(next(args, ""))
+        elif arg.startswith("--prompt="):
+            prompts.append(arg.removeprefix("--prompt="))
+        else:
+            rest.append(arg)
+    return [*rest, f"--data.prompts={json.dumps(prompts)}"] if prompts else rest
 
 
 def short_message(error: BaseException) -> str:

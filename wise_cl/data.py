@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from wise_cl.records import EditDataError, EditRequest, read_requests, resolve_data_path
+from wise_cl.records import EditDataError, EditRequest, read_prompts, read_requests, resolve_data_path
 
 TEXT_FIELDS = ("prompt", "target", "locality_prompt", "locality_answer", "ood_rephrase")
 
@@ -70,6 +71,29 @@ class EditStreamLoader(DataLoader):
         """Nothing to restore here: see the class docstring."""
 
 
+def chat_turn(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """`text` as a user turn of the tokenizer's chat template, followed by the opening of the assistant's turn."""
+    if not tokenizer.chat_template:
+        raise ValueError("data.chat_template: the model's tokenizer has no chat template")
+    turn = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+
+
+def as_chat(requests: list[EditRequest], tokenizer: PreTrainedTokenizerBase) -> list[EditRequest]:
+    """The requests with every prompt put into the chat template (see `chat_turn`); answers unchanged."""
+    chat = partial(chat_turn, tokenizer)
+    return [
+        replace(
+            r,
+            prompt=chat(r.prompt),
+            locality_prompt=chat(r.locality_prompt),
+            rephrases=tuple(map(chat, r.rephrases)),
+            ood_rephrase=chat(r.ood_rephrase) if r.ood_rephrase else None,
+        )
+        for r in requests
+    ]
+
+
 class EditStreamDataModule(L.LightningDataModule):
     """`num_edits` consecutive requests of a data file from `start` on, in file order.
 
@@ -80,6 +104,10 @@ class EditStreamDataModule(L.LightningDataModule):
         edits_per_experience: requests per training batch; each batch is one experience.
         eval_batch_size: requests per batch when scoring.
         layout: force a layout instead of detecting it from the first record.
+        chat_template: put every prompt (edit, rephrasings, locality, out-of-distribution) into the model's
+            chat template as a user turn followed by the opening of the assistant's turn (instruct models).
+        prompts: for `predict`, the prompts to answer: a JSON or JSON Lines file (strings, or records with a
+            `prompt` field) or the texts themselves (`wise-cl predict --prompt TEXT` sets this).
     """
 
     def __init__(
@@ -90,6 +118,8 @@ class EditStreamDataModule(L.LightningDataModule):
         eval_batch_size: int = 16,
         layout: str | None = None,
         start: int = 0,
+        chat_template: bool = False,
+        prompts: list[str] | str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -107,7 +137,10 @@ class EditStreamDataModule(L.LightningDataModule):
         self.edits_per_experience = edits_per_experience
         self.eval_batch_size = eval_batch_size
         self.layout = layout
+        self.chat_template = chat_template
+        self.prompts = prompts
         self.requests: list[EditRequest] = []
+        self.predict_prompts: list[str] = []
 
     def prepare_data(self) -> None:
         self.setup()
@@ -115,6 +148,27 @@ class EditStreamDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.requests:
             self.requests = read_requests(self.path, self.layout, self.num_edits, self.start)
+            if self.chat_template:
+                if self.trainer is None:
+                    raise ValueError(
+                        "data.chat_template: the tokenizer is the trainer's module's; outside a Trainer use as_chat"
+                    )
+                self.requests = as_chat(self.requests, self.trainer.lightning_module.tokenizer)
+        if stage == "predict":
+            prompts = self.read_predict_prompts()
+            if self.chat_template:
+                prompts = [chat_turn(self.trainer.lightning_module.tokenizer, p) for p in prompts]
+            self.predict_prompts = prompts
+
+    def read_predict_prompts(self) -> list[str]:
+        if self.prompts is None:
+            raise ValueError("predict needs prompts: --data.prompts FILE (JSON or JSON Lines) or --prompt TEXT")
+        if isinstance(self.prompts, str):
+            return read_prompts(self.prompts)
+        for index, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                raise ValueError(f"data.prompts[{index}]: empty prompt")
+        return list(self.prompts)
 
     def check_lengths(self, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> None:
         """Refuse a request with a text longer than `max_tokens` tokens (the model's context), naming
@@ -136,3 +190,6 @@ class EditStreamDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(EditRequests(self.requests), batch_size=self.eval_batch_size, collate_fn=EditBatch.collate)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.predict_prompts, batch_size=self.eval_batch_size, collate_fn=list)

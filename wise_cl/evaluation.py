@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from wise_cl.metrics import ExactMatch, TargetPerplexity, TokenAccuracy
+from wise_cl.metrics import AnswerMatch, ExactMatch, TargetPerplexity, TokenAccuracy
 from wise_cl.records import EditRequest
 from wise_cl.rows import TeacherForcedBatch, answer_ids, teacher_forced_batch
+
+LOCALITY_TOKENS = 16  # greedy tokens compared for generation locality
 
 
 def scored_logits(model: PreTrainedModel, batch: TeacherForcedBatch) -> Tensor:
@@ -72,32 +74,60 @@ def predict_answers(
 
 
 @torch.no_grad()
+def greedy_tokens(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop_at_eos: bool = False,
+    chunk_rows: int = 16,
+) -> list[Tensor]:
+    """Greedy continuations of the prompts alone (left padded, in chunks): `max_new_tokens` token ids each,
+    or up to the end-of-text token with `stop_at_eos`."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    continuations = []
+    try:
+        for start in range(0, len(prompts), chunk_rows):
+            inputs = tokenizer(list(prompts[start : start + chunk_rows]), return_tensors="pt", padding=True)
+            output = model.generate(
+                **inputs.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                **({} if stop_at_eos else {"eos_token_id": None}),
+            )
+            continuations += list(output[:, inputs["input_ids"].shape[1] :].cpu())
+    finally:
+        tokenizer.padding_side = side
+    return continuations
+
+
 def generate_answers(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str]
 ) -> list[str]:
     """Greedy answers from the prompts alone, each as many tokens long as its reference answer."""
-    lengths = [len(answer_ids(tokenizer, a)) for a in answers]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        inputs = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max(lengths),
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=None,
-    )
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, lengths, strict=True)]
+    lengths = [len(answer_ids(tokenizer, a, p)) for p, a in zip(prompts, answers, strict=True)]
+    rows = greedy_tokens(model, tokenizer, prompts, max(lengths), chunk_rows=len(prompts))
+    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths, strict=True)]
+
+
+def first_lines(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 32
+) -> list[str]:
+    """Greedy answers of up to `max_new_tokens` tokens, cut at the end of text or of their first line."""
+    rows = greedy_tokens(model, tokenizer, prompts, max_new_tokens, stop_at_eos=True, chunk_rows=len(prompts))
+    return [text.strip().split("\n")[0] for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 class EditMetrics(nn.Module):
-    """The edit metrics of a stream: reliability, generalization, locality, exact match, perplexity.
+    """The edit metrics of a stream: reliability, generalization, locality and perplexity (teacher-forced), and
+    with `exact_match` the free-generation ones: exact match, answer match on the prompts and on the
+    rephrasings, generation locality.
 
-    `reference` holds the unedited model's locality predictions per request (see
-    `locality_reference`); locality is the share of those predictions the edited model keeps.
+    `reference` holds the unedited model's locality predictions per request (see `locality_reference`);
+    locality is the share of those predictions the edited model keeps. `generation_reference` holds the
+    unedited model's greedy continuations of the locality prompts (see `generation_reference`); generation
+    locality is the share of their tokens the edited model's continuations keep.
     """
 
     def __init__(self, exact_match: bool = True, padding_side: str = "right") -> None:
@@ -110,6 +140,9 @@ class EditMetrics(nn.Module):
         self.locality = TokenAccuracy()
         self.perplexity = TargetPerplexity()
         self.exact_match = ExactMatch()
+        self.answer_match = AnswerMatch()
+        self.rephrase_answer_match = AnswerMatch()
+        self.generation_locality = TokenAccuracy()
 
     def update(
         self,
@@ -117,6 +150,7 @@ class EditMetrics(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         reference: Sequence[Tensor],
+        generation_reference: Sequence[Tensor] | None = None,
     ) -> None:
         predict = partial(predict_answers, model, tokenizer, padding_side=self.padding_side)
         targets = [r.target for r in requests]
@@ -135,6 +169,16 @@ class EditMetrics(nn.Module):
         self.locality.update(loc.preds, torch.cat(list(reference)).to(loc.preds.device), loc.rows)
         if self.exact_match_enabled:
             self.exact_match.update(generate_answers(model, tokenizer, [r.prompt for r in requests], targets), targets)
+            self.answer_match.update(first_lines(model, tokenizer, [r.prompt for r in requests]), targets)
+            if rephrased:
+                prompts, answers = zip(*rephrased, strict=True)
+                self.rephrase_answer_match.update(first_lines(model, tokenizer, prompts), list(answers))
+        if self.exact_match_enabled and generation_reference is not None:
+            reference_tokens = torch.stack(list(generation_reference))
+            length = reference_tokens.shape[1]
+            generated = torch.stack(greedy_tokens(model, tokenizer, [r.locality_prompt for r in requests], length))
+            rows = torch.arange(len(requests)).repeat_interleave(length)
+            self.generation_locality.update(generated.flatten(), reference_tokens.flatten(), rows)
 
     def compute(self) -> dict[str, float]:
         """Every metric that saw at least one request."""
@@ -157,3 +201,10 @@ def locality_reference(
         model, tokenizer, [r.locality_prompt for r in requests], [r.locality_answer for r in requests]
     )
     return [p.cpu() for p in loc.per_row()]
+
+
+def generation_reference(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
+) -> list[Tensor]:
+    """The unedited model's greedy continuations of each request's locality prompt (`LOCALITY_TOKENS` tokens)."""
+    return greedy_tokens(model, tokenizer, [r.locality_prompt for r in requests], LOCALITY_TOKENS)

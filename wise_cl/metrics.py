@@ -58,11 +58,24 @@ class ExactMatch(Metric):
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, generated: list[str], targets: list[str]) -> None:
-        self.correct += sum(normalize_answer(g) == normalize_answer(t) for g, t in zip(generated, targets, strict=True))
+        pairs = zip(generated, targets, strict=True)
+        self.correct += sum(self.matches(normalize_answer(g), normalize_answer(t)) for g, t in pairs)
         self.total += len(targets)
+
+    @staticmethod
+    def matches(generated: str, target: str) -> bool:
+        return generated == target
 
     def compute(self) -> Tensor:
         return self.correct.double() / self.total
+
+
+class AnswerMatch(ExactMatch):
+    """Share of requests whose generated answer starts with the target, both normalised (an answer may go on)."""
+
+    @staticmethod
+    def matches(generated: str, target: str) -> bool:
+        return generated.startswith(target)
 
 
 class TargetPerplexity(Metric):

@@ -12,13 +12,15 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from wise_cl.callbacks import MemoryCallback
+from wise_cl.callbacks import AnswerWriter, MemoryCallback
 from wise_cl.checkpoints import WrittenOnce, read_written_once, verified_checkpoint
 from wise_cl.data import EditBatch
-from wise_cl.evaluation import EditMetrics, locality_reference
+from wise_cl.evaluation import EditMetrics, generation_reference, locality_reference
 from wise_cl.models import load_model
 from wise_cl.provenance import file_sha256
 from wise_cl.records import resolve_data_path
+from wise_cl.serving import answer_prompts, side_memories_file
+from wise_cl.side_memory import load_side_memories
 from wise_cl.strategies.base import EditStrategy
 from wise_cl.strategies.wise import WISE
 
@@ -29,11 +31,18 @@ class EditingModule(L.LightningModule):
     Args:
         model_name: Hugging Face name or path, `smollm2-135m` (bundled) or `tiny` (tests).
         strategy: the editing method.
-        exact_match: also score greedy free generation (slower).
+        exact_match: also score greedy free generation (slower): exact match, answer match on prompts and
+            rephrasings, generation locality.
+        side_memories: for `test` and `predict`, answer with these side memories (an export folder or a
+            side-memory file) instead of a run's checkpoint.
     """
 
     def __init__(
-        self, model_name: str = "smollm2-135m", strategy: EditStrategy | None = None, exact_match: bool = True
+        self,
+        model_name: str = "smollm2-135m",
+        strategy: EditStrategy | None = None,
+        exact_match: bool = True,
+        side_memories: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -43,10 +52,12 @@ class EditingModule(L.LightningModule):
         self.strategy = strategy if strategy is not None else WISE()
         self.strategy.prepare(self.model, self.tokenizer)
         self.metrics = EditMetrics(exact_match=exact_match)
+        self.side_memories = side_memories
         self.edits_done = 0
         self.edit_seconds: list[float] = []
         self.memory_seconds = 0.0  # spent by the memory callbacks (closing shards, merging, spawning)
         self.reference: list[Tensor] | None = None
+        self.generation_reference: list[Tensor] | None = None
         self.test_results: dict[str, float] = {}
         self.run_config: dict[str, Any] | None = None  # the resolved config, set by `wise-cl`
         self.checkpoint_folder: Path | None = None  # set by `EditCheckpoint` before it saves
@@ -57,7 +68,16 @@ class EditingModule(L.LightningModule):
         return self.trainer.datamodule.requests
 
     def configure_callbacks(self) -> list[Callback]:
-        return self.strategy.callbacks()
+        return [*self.strategy.callbacks(), AnswerWriter()]
+
+    def setup(self, stage: str) -> None:
+        if self.side_memories is None:
+            return
+        if stage == "fit":
+            raise ValueError("model.side_memories: for `test` and `predict` only (`fit` edits its own memories)")
+        if stage == "test":  # the references are the unedited model's
+            self.ensure_locality_reference()
+        load_side_memories(self.model, side_memories_file(self.side_memories))
 
     def configure_optimizers(self) -> None:
         """The strategy runs its own optimisation inside each edit."""
@@ -65,15 +85,17 @@ class EditingModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: EditBatch, device: Any, dataloader_idx: int) -> EditBatch:
         return batch  # edit requests are text; tensors are made on the model's device when needed
 
-    def ensure_locality_reference(self) -> list[Tensor]:
-        """The unedited model's locality predictions for the whole stream, computed once (after checking
-        that every text fits the model's context)."""
+    def ensure_locality_reference(self) -> None:
+        """The unedited model's locality predictions (and, when free generation is scored, its continuations of
+        the locality prompts) for the whole stream, computed once, after checking that every text fits the
+        model's context."""
         if self.reference is None:
             limit = getattr(self.model.config, "max_position_embeddings", None)
             if limit:
                 self.trainer.datamodule.check_lengths(self.tokenizer, limit)
             self.reference = locality_reference(self.model, self.tokenizer, self.stream)
-        return self.reference
+        if self.generation_reference is None and self.metrics.exact_match_enabled and not self.edits_done:
+            self.generation_reference = generation_reference(self.model, self.tokenizer, self.stream)
 
     def on_fit_start(self) -> None:
         # the memory lifecycle (closing shards, merging, spawning) runs before anything that observes the model
@@ -95,7 +117,17 @@ class EditingModule(L.LightningModule):
         self.metrics.reset()
 
     def test_step(self, batch: EditBatch, batch_idx: int) -> None:
-        self.metrics.update(self.model, self.tokenizer, batch.requests, [self.reference[i] for i in batch.indices])
+        generated = self.generation_reference
+        self.metrics.update(
+            self.model,
+            self.tokenizer,
+            batch.requests,
+            [self.reference[i] for i in batch.indices],
+            [generated[i] for i in batch.indices] if generated is not None else None,
+        )
+
+    def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
+        return answer_prompts(self.model, self.tokenizer, batch)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self.metrics.compute()
@@ -126,6 +158,7 @@ class EditingModule(L.LightningModule):
             "edit_seconds": self.edit_seconds,
             "memory_seconds": self.memory_seconds,
             "locality_reference": self.reference,
+            "generation_reference": self.generation_reference,
             "config": self.run_config,
             "identity": self.run_identity(),
         }
@@ -141,6 +174,7 @@ class EditingModule(L.LightningModule):
             "data_sha256": file_sha256(resolve_data_path(data.path)),
             "start": data.start,
             "layout": data.layout,
+            **({"chat_template": True} if data.chat_template else {}),  # absent otherwise: older runs resume
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -160,8 +194,13 @@ class EditingModule(L.LightningModule):
         if state["edits_done"] > len(self.stream):
             raise ValueError(f"{path}: holds {state['edits_done']} edits, more than data.num_edits={len(self.stream)}")
         self.reference = list(state["locality_reference"])
+        generated = state.get("generation_reference")  # absent from older checkpoints: not scored then
+        self.generation_reference = list(generated) if generated is not None else None
         if len(self.reference) < len(self.stream):  # extended: the new requests' reference, before any edit loads
             self.reference += locality_reference(self.model, self.tokenizer, self.stream[len(self.reference) :])
+            if self.generation_reference is not None:
+                new = self.stream[len(self.generation_reference) :]
+                self.generation_reference += generation_reference(self.model, self.tokenizer, new)
             # the saved loop may have ended its epoch, which would end this fit at once: edits_done says where to go on
             checkpoint.pop("loops", None)
         self.strategy.load_state_dict(read_written_once(state["strategy"], path.parent))

@@ -254,6 +254,16 @@ def read_corpus(source: str | Path = "wikipedia") -> list[str]:
     return texts
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts to answer: a JSON list or JSON Lines file of texts, or of records with a `prompt` field."""
+    path = Path(path)
+    values = _load_json(path)
+    values = [values] if isinstance(values, dict) else values
+    if not isinstance(values, list) or not values:
+        raise EditDataError(path, "expected prompts: a non-empty list of texts or of records with a 'prompt' field")
+    return [_text(path, i, v if isinstance(v, dict) else {"prompt": v}, "prompt") for i, v in enumerate(values)]
+
+
 def _check_texts(path: Path, texts: Any) -> None:
     if not isinstance(texts, list) or not texts:
         raise EditDataError(path, "expected a non-empty JSON list of strings")

@@ -25,9 +25,11 @@ class TeacherForcedBatch:
         return TeacherForcedBatch(*(t.to(device) for t in vars(self).values()))
 
 
-def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
-    """Token ids of `answer` as it follows a prompt (with its separating space); none for no answer."""
-    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] if answer else []
+def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str, prompt: str = "") -> list[int]:
+    """Token ids of `answer` as it follows `prompt`: after a separating space, or directly after a prompt that
+    ends a line (a chat template's assistant turn); none for no answer."""
+    separator = "" if prompt.endswith("\n") else " "
+    return tokenizer(separator + answer, add_special_tokens=False)["input_ids"] if answer else []
 
 
 def teacher_forced_batch(
@@ -36,11 +38,12 @@ def teacher_forced_batch(
     answers: Sequence[str],
     padding_side: str = "right",
 ) -> TeacherForcedBatch:
-    """Tokenise `prompt + " " + answer` rows; prompt and answer are tokenised apart and joined."""
+    """Tokenise `prompt + " " + answer` rows (no space after a prompt that ends a line); prompt and answer are
+    tokenised apart and joined."""
     rows = []
     for prompt, answer in zip(prompts, answers, strict=True):
         prompt_ids = tokenizer(prompt)["input_ids"]
-        rows.append((prompt_ids, answer_ids(tokenizer, answer)))
+        rows.append((prompt_ids, answer_ids(tokenizer, answer, prompt)))
     length = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
