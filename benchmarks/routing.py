@@ -49,7 +49,7 @@ def memory_scores(strategy: WISE, prompts: list[str], answers: list[str], batch:
         rows = teacher_forced_batch(strategy.tokenizer, prompts[start : start + batch], answers[start : start + batch])
         rows = rows.to(strategy.model.device)
         activation = CachedForward(strategy.model, adapter, rows, strategy.layer).full_activation()
-        adapter.token_mask = rows.attention_mask
+        adapter.token_mask = strategy.score_mask(rows)  # the tokens routing scores (`route_on`)
         scores.append(adapter.scores(activation).cpu())
     return torch.cat(scores, 1)
 

@@ -60,6 +60,9 @@ class WISE(LinearEditStrategy):
         context_length: tokens per generated prefix.
         score_context: count the context prefix tokens in an edit row's activation score (False: only
             the prompt and target tokens, which are what a routed sequence holds at inference).
+        route_on: `sequence` (the paper): a sequence's activation score, for training, thresholds and routing,
+            averages over its prompt and answer tokens; `prompt`: over its prompt tokens alone, which is what
+            generation has when it decides the route, so a memory's threshold is set on what it is used on.
         irrelevant_source: bundled data set name or JSON list of the irrelevant texts.
         num_irrelevant: irrelevant texts per edit (edit i uses texts i*n to i*n+n-1, wrapping around the list);
             they need only their activation score, so more of them cost little per step.
@@ -121,6 +124,7 @@ class WISE(LinearEditStrategy):
         num_context: int = 10,
         context_length: int = 10,
         score_context: bool = False,
+        route_on: str = "sequence",
         irrelevant_source: str = "zsre",
         num_irrelevant: int = 1,
         calibration_texts: int = 0,
@@ -140,6 +144,7 @@ class WISE(LinearEditStrategy):
     ) -> None:
         require_choice(merge_method, "merge_method", MERGE_METHODS)
         require_choice(early_stop_on, "early_stop_on", ("loss", "edit_loss"))
+        require_choice(route_on, "route_on", ("sequence", "prompt"))
         for name, value in (("mask_ratio", mask_ratio), ("merge_density", merge_density)):
             require(0 < value <= 1, name, "in (0, 1]", value)
         require(0 < calibration_quantile <= 1, "calibration_quantile", "in (0, 1]", calibration_quantile)
@@ -173,6 +178,7 @@ class WISE(LinearEditStrategy):
         self.lr, self.n_iter, self.early_stop_loss = lr, n_iter, early_stop_loss
         self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
+        self.route_on = route_on
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
         self.shared_directions, self.subject_negatives = shared_directions, subject_negatives
@@ -187,6 +193,7 @@ class WISE(LinearEditStrategy):
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)
+        self.adapter.route_on_prompt = self.route_on == "prompt"
         if self.calibration_texts >= len(self.irrelevant):
             raise ValueError(
                 f"strategy.calibration_texts: {self.calibration_texts} held back, but irrelevant_source"
@@ -309,7 +316,7 @@ class WISE(LinearEditStrategy):
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
         )
-        score_mask = rows.attention_mask.clone()
+        score_mask = self.score_mask(rows).clone()
         if not self.score_context:
             for row, length in enumerate(context_lengths):
                 score_mask[row, :length] = 0
@@ -324,6 +331,10 @@ class WISE(LinearEditStrategy):
 
         stats = optimise(forward, tau, loss_fn, self.lr, n_iter, self.early_stop_loss, mask, self.early_stop_on)
         return stats, forward.scores(tau)[:n_edit]
+
+    def score_mask(self, rows: TeacherForcedBatch) -> Tensor:
+        """The tokens an activation score averages over: every real token, or the prompt's (`route_on`)."""
+        return rows.prompt_mask() if self.route_on == "prompt" else rows.attention_mask
 
     def _forward(
         self, rows: TeacherForcedBatch, score_mask: Tensor | None = None, memo: dict | None = None
@@ -341,7 +352,7 @@ class WISE(LinearEditStrategy):
         for start in range(0, len(edits), batch_size):
             _, prompts, targets = zip(*edits[start : start + batch_size], strict=True)
             rows = teacher_forced_batch(self.tokenizer, list(prompts), list(targets)).to(self.model.device)
-            scores.append(self._forward(rows).scores(tau))
+            scores.append(self._forward(rows, self.score_mask(rows)).scores(tau))
         return torch.cat(scores)
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:

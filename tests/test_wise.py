@@ -16,6 +16,7 @@ from wise_cl.merging import merge_task_vectors
 from wise_cl.models import load_model
 from wise_cl.module import EditingModule
 from wise_cl.rows import teacher_forced_batch
+from wise_cl.serving import answer_prompts
 from wise_cl.side_memory import MAIN, attach_side_memory, detach_side_memory, load_side_memories
 from wise_cl.strategies.wise import WISE
 
@@ -134,11 +135,67 @@ def test_generation_keeps_the_route_decided_on_the_prompt(tiny):
     assert routes == [[MAIN], [MAIN], [MAIN]]
 
 
+def test_prompt_mask_covers_the_prompt_tokens_only(tiny):
+    _, tokenizer = tiny
+    for side in ("right", "left"):
+        rows = teacher_forced_batch(tokenizer, ["ab", "abcdef"], ["xyz", "q"], padding_side=side)
+        mask = rows.prompt_mask()
+        prompt_lengths = [len(tokenizer("ab")["input_ids"]), len(tokenizer("abcdef")["input_ids"])]
+        assert mask.sum(1).tolist() == prompt_lengths
+        for row in range(2):  # the prompt's tokens are the row's first real ones
+            real = rows.attention_mask[row].nonzero().squeeze(1)
+            assert mask[row, real[: prompt_lengths[row]]].all()
+
+
+def test_routing_on_the_prompt_gives_teacher_forcing_the_route_generation_takes(tiny, zsre10):
+    model, tokenizer = tiny
+    adapter = attach_side_memory(model, TINY_LAYER)
+    adapter.serve([torch.randn_like(adapter.weight) * 0.1], [0.0])
+    routes = []
+    handle = adapter.register_forward_hook(lambda m, args, out: routes.append(m.route.tolist()))
+    prompts, targets = [r.prompt for r in zsre10], [r.target for r in zsre10]
+    activations = []  # each prompt's activation at the layer, the prompt alone (as generation starts)
+    hook = adapter.register_forward_pre_hook(lambda m, args: activations.append(args[0]))
+    for prompt in prompts:
+        model(**tokenizer([prompt], return_tensors="pt"))
+    hook.remove()
+    adapter.token_mask = None
+    prompt_scores = [float(adapter.scores(a)[0, 0]) for a in activations]
+    threshold = sorted(prompt_scores)[len(prompts) // 2]
+    adapter.serve(adapter.taus, [threshold])
+    adapter.route_on_prompt = True
+    routes.clear()
+    predict_answers(model, tokenizer, prompts, targets, chunk_rows=len(prompts))
+    handle.remove()
+    by_prompt = [0 if score > threshold else MAIN for score in prompt_scores]
+    (teacher_forced,) = routes
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + 2 * len(targets[i]))  # predict's row order
+    assert [teacher_forced[order.index(i)] for i in range(len(prompts))] == by_prompt
+    assert 0 < by_prompt.count(MAIN) < len(prompts)
+
+
+def test_wise_routing_on_the_prompt_routes_teacher_forcing_and_generation_alike(tiny, zsre10):
+    model, tokenizer = tiny
+    strategy = small_wise(route_on="prompt")
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, zsre10[:2])
+    prompts = [r.prompt for r in zsre10[:6]]
+    routes = []
+    handle = strategy.adapter.register_forward_hook(lambda m, args, out: routes.append(m.route.tolist()))
+    for prompt, target in zip(prompts, [r.target for r in zsre10[:6]], strict=True):
+        predict_answers(model, tokenizer, [prompt], [target])
+    handle.remove()
+    generated = [a["memory"] for a in answer_prompts(model, tokenizer, prompts, max_new_tokens=2)]
+    assert [MAIN if m == "main" else m for m in generated] == [route for (route,) in routes]
+    assert strategy.memory.shard_min_score > 0  # the edits' prompts, scored alone, reached the memory
+
+
 @pytest.mark.parametrize(
     ("option", "value", "expected"),
     [
         ("merge_method", "average", "one of .*ties"),
         ("early_stop_on", "steps", "one of loss, edit_loss"),
+        ("route_on", "tokens", "one of sequence, prompt"),
         ("mask_ratio", 0.0, r"in \(0, 1\]"),
         ("merge_density", 1.5, r"in \(0, 1\]"),
         ("calibration_quantile", 0.0, r"in \(0, 1\]"),

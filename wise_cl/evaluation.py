@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from wise_cl.metrics import AnswerMatch, ExactMatch, TargetPerplexity, TokenAccuracy
 from wise_cl.records import EditRequest
 from wise_cl.rows import TeacherForcedBatch, answer_ids, teacher_forced_batch
+from wise_cl.side_memory import prompt_tokens
 
 LOCALITY_TOKENS = 16  # greedy tokens compared for generation locality
 
@@ -61,7 +62,8 @@ def predict_answers(
         batch = teacher_forced_batch(
             tokenizer, [prompts[i] for i in chunk], [answers[i] for i in chunk], padding_side
         ).to(model.device)
-        logits = scored_logits(model, batch).float()
+        with prompt_tokens(model, batch.prompt_mask()):
+            logits = scored_logits(model, batch).float()
         nll = F.cross_entropy(logits, batch.labels, reduction="none")
         counts = torch.bincount(batch.rows, minlength=len(chunk)).tolist()
         for i, p, y, n in zip(
@@ -81,9 +83,10 @@ def greedy_tokens(
     max_new_tokens: int,
     stop_at_eos: bool = False,
     chunk_rows: int = 16,
+    stop_strings: Sequence[str] = (),
 ) -> list[Tensor]:
     """Greedy continuations of the prompts alone (left padded, in chunks): `max_new_tokens` token ids each,
-    or up to the end-of-text token with `stop_at_eos`."""
+    or up to the end-of-text token with `stop_at_eos` (padded after it), or up to the first of `stop_strings`."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     continuations = []
     try:
@@ -95,6 +98,7 @@ def greedy_tokens(
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 **({} if stop_at_eos else {"eos_token_id": None}),
+                **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
             )
             continuations += list(output[:, inputs["input_ids"].shape[1] :].cpu())
     finally:
@@ -114,9 +118,9 @@ def generate_answers(
 def first_lines(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 32
 ) -> list[str]:
-    """Greedy answers of up to `max_new_tokens` tokens, cut at the end of text or of their first line."""
-    rows = greedy_tokens(model, tokenizer, prompts, max_new_tokens, stop_at_eos=True, chunk_rows=len(prompts))
-    return [text.strip().split("\n")[0] for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    """Greedy answers of up to `max_new_tokens` tokens, stopped at the end of text or a newline."""
+    rows = greedy_tokens(model, tokenizer, prompts, max_new_tokens, True, len(prompts), stop_strings=["\n"])
+    return [text.split("\n")[0].strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 class EditMetrics(nn.Module):

@@ -24,6 +24,12 @@ class TeacherForcedBatch:
     def to(self, device: torch.device | str) -> TeacherForcedBatch:
         return TeacherForcedBatch(*(t.to(device) for t in vars(self).values()))
 
+    def prompt_mask(self) -> Tensor:
+        """The attention mask without the answer tokens: what a model generating the answer has seen first."""
+        answer = torch.zeros_like(self.scored)
+        answer[:, 1:] = self.scored[:, :-1]  # the token each scored position predicts
+        return self.attention_mask * ~answer
+
 
 def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str, prompt: str = "") -> list[int]:
     """Token ids of `answer` as it follows `prompt`: after a separating space, or directly after a prompt that

@@ -27,7 +27,8 @@ SIDE_MEMORIES = "side_memories.safetensors"
 ANSWER_TOKENS = 32
 ROUTING = (
     "per sequence: the side memory with the highest activation score answers if that score exceeds its"
-    " threshold, else the main memory; decided on the prompt and kept for every generated token"
+    " threshold, else the main memory; decided on the prompt and kept for every generated token; a"
+    " teacher-forced sequence is scored on its prompt alone when route_on is prompt"
 )
 
 
@@ -37,7 +38,7 @@ def answer_prompts(
     prompts: Sequence[str],
     max_new_tokens: int = ANSWER_TOKENS,
 ) -> list[dict[str, Any]]:
-    """Greedy answers of up to `max_new_tokens` tokens, cut at the end of text or of their first line, each with
+    """Greedy answers of up to `max_new_tokens` tokens, stopped at the end of text or a newline, each with
     the memory that answered (`main` or a side memory's index; absent when the model has no side memory)."""
     texts = first_lines(model, tokenizer, prompts, max_new_tokens)
     answers = [{"prompt": prompt, "answer": text} for prompt, text in zip(prompts, texts, strict=True)]
@@ -82,6 +83,7 @@ def export_edited(run: str | Path, out: str | Path) -> Path:
         "base_model": base,
         "layer": strategy.layer,
         "thresholds": strategy.adapter.thresholds,
+        "route_on": strategy.route_on,
         "routing": ROUTING,
         "edits": state["edits_done"],
         "run": str(Path(run).resolve()),

@@ -47,6 +47,8 @@ class SideMemoryLinear(nn.Module):
     `taus` and `thresholds` hold the side memories that serve; a sequence goes to the memory with
     the highest activation score when that score exceeds the memory's threshold, else to the main
     memory. The route is decided once per sequence (per prompt during generation) and kept.
+    With `route_on_prompt`, a teacher-forced sequence is scored on its prompt tokens alone (see `prompt_tokens`),
+    as generation, which decides on the prompt, sees it.
     Inside `with adapter.trained_with(tau)` every row uses `tau` instead (the editing forward).
     """
 
@@ -59,6 +61,8 @@ class SideMemoryLinear(nn.Module):
         self.token_mask: Tensor | None = None
         self.keep_route = False
         self.route: Tensor | None = None
+        self.route_on_prompt = False
+        self.prompt_mask: Tensor | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -81,7 +85,8 @@ class SideMemoryLinear(nn.Module):
 
     def scores(self, a: Tensor) -> Tensor:
         """Activation score of every sequence on every serving memory: [memories, batch]."""
-        mask = self.token_mask if self.token_mask is not None and self.token_mask.shape == a.shape[:2] else None
+        mask = self.prompt_mask if self.route_on_prompt and self.prompt_mask is not None else self.token_mask
+        mask = mask if mask is not None and mask.shape == a.shape[:2] else None
         return torch.stack([sequence_scores(F.linear(a, tau), mask) for tau in self.taus])
 
     def decide_route(self, a: Tensor) -> Tensor:
@@ -103,6 +108,20 @@ class SideMemoryLinear(nn.Module):
             if rows.any():
                 out = out.index_add(0, rows.nonzero().squeeze(1), F.linear(a[rows], tau))
         return out
+
+
+@contextmanager
+def prompt_tokens(model: nn.Module, mask: Tensor) -> Iterator[None]:
+    """Within the block the model's side-memory adapters know which tokens of the batch are its prompts
+    (`mask`, [batch, tokens]); those that route on the prompt score those alone."""
+    adapters = [module for module in model.modules() if isinstance(module, SideMemoryLinear)]
+    for adapter in adapters:
+        adapter.prompt_mask = mask
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.prompt_mask = None
 
 
 def _routing_context_hook(adapter: SideMemoryLinear):
@@ -151,6 +170,7 @@ def save_side_memories(adapter: SideMemoryLinear, path: str | Path, layer: str) 
     """Write only the serving side memories (task vectors and thresholds) to a safetensors file."""
     tensors = {f"tau.{i}": tau.detach().contiguous().cpu() for i, tau in enumerate(adapter.taus)}
     metadata = {"layer": layer, "thresholds": json.dumps(adapter.thresholds)}
+    metadata["route_on"] = "prompt" if adapter.route_on_prompt else "sequence"
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -162,6 +182,7 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
             taus = [f.get_tensor(f"tau.{i}") for i in range(len(f.keys()))]
         thresholds = json.loads(metadata["thresholds"])
         layer = metadata["layer"]
+        route_on = metadata.get("route_on", "sequence")  # files from before the option route on the sequence
     except (OSError, KeyError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: not a side-memory file written by save_side_memories ({error})") from None
     if len(thresholds) != len(taus) or not all(isinstance(t, (int, float)) for t in thresholds):
@@ -172,4 +193,5 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
             raise ValueError(f"{path}: tau.{i} is not a finite {tuple(weight.shape)} matrix for layer '{layer}'")
     adapter = attach_side_memory(model, layer)
     adapter.serve([tau.to(adapter.weight) for tau in taus], thresholds)
+    adapter.route_on_prompt = route_on == "prompt"
     return adapter
