@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
@@ -65,3 +68,31 @@ class LinearEditStrategy(EditStrategy):
     def detach(self) -> None:
         """Remove the adapter; the model is the unedited one again."""
         detach_side_memory(self.model, self.layer)
+
+
+class ServedTaskVectors:
+    """For methods that change several Linear layers: `taus[layer]`, each layer's change, is served to every
+    sequence by `adapters[layer]` (no router); `edits` counts the edits made."""
+
+    layer: str
+    layers: list[str]
+    adapters: dict[str, SideMemoryLinear]
+    taus: dict[str, Tensor]
+    edits: int
+
+    def publish(self) -> None:
+        for layer, adapter in self.adapters.items():
+            adapter.serve([self.taus[layer]], [-math.inf])
+
+    def describe(self) -> dict[str, Any]:
+        norm = float(torch.stack([tau.norm() for tau in self.taus.values()]).norm())
+        return {"layer": self.layer, "layers": self.layers, "tau_norm": norm, "edits": self.edits}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taus": {k: v.clone() for k, v in self.taus.items()}, "edits": self.edits}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for layer, tau in state["taus"].items():
+            self.taus[layer].copy_(tau)
+        self.edits = state["edits"]
+        self.publish()

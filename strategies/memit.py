@@ -12,7 +12,6 @@ W_l += R^T K (lambda C_l + K^T K)^-1, which maps K towards R while keeping the c
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 from typing import Any
@@ -26,6 +25,7 @@ from wise_cl.editing_forward import decoder_layer_index
 from wise_cl.key_statistics import cached_second_moments, captured_outputs
 from wise_cl.records import EditRequest, read_corpus
 from wise_cl.side_memory import attach_side_memory, detach_side_memory
+from wise_cl.strategies.base import ServedTaskVectors
 from wise_cl.strategies.rome import ROME
 from wise_cl.validation import require
 
@@ -40,7 +40,7 @@ def consecutive_layers(last: str, count: int) -> list[str]:
     ]
 
 
-class MEMIT(ROME):
+class MEMIT(ServedTaskVectors, ROME):
     """MEMIT: ROME's edit spread over `num_layers` MLP output projections ending at `layer` (see the module
     docstring); every experience is one batch update.
 
@@ -121,21 +121,11 @@ class MEMIT(ROME):
         system = self.moment_weight * self.moments[layer].to(keys.device) + keys.T @ keys
         return (gap.double().T @ torch.linalg.solve(system, keys.T).T).to(self.tau.dtype)
 
-    def publish(self) -> None:
-        for layer, adapter in self.adapters.items():
-            adapter.serve([self.taus[layer]], [-math.inf])
-
-    def describe(self) -> dict[str, Any]:
-        norm = float(torch.stack([tau.norm() for tau in self.taus.values()]).norm())
-        return {"layer": self.layer, "layers": self.layers, "tau_norm": norm, "edits": self.edits}
-
     # checkpoints --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"taus": {k: v.clone() for k, v in self.taus.items()}, "prefixes": self.prefixes, "edits": self.edits}
+        return {**super().state_dict(), "prefixes": self.prefixes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for layer, tau in state["taus"].items():
-            self.taus[layer].copy_(tau)
-        self.prefixes, self.edits = state["prefixes"], state["edits"]
-        self.publish()
+        self.prefixes = state["prefixes"]
+        super().load_state_dict(state)

@@ -13,11 +13,9 @@ taken on the model the earlier ones left. The changes are served as side memorie
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +29,7 @@ from wise_cl.optimisation import edit_nll
 from wise_cl.records import resource_path
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import attach_side_memory, detach_side_memory
-from wise_cl.strategies.base import EditStrategy
+from wise_cl.strategies.base import EditStrategy, ServedTaskVectors
 from wise_cl.strategies.memit import consecutive_layers
 from wise_cl.validation import require
 
@@ -85,7 +83,7 @@ class GradientEditor(nn.Module):
         return self.lrs[layer] * delta.T @ u
 
 
-class MEND(EditStrategy):
+class MEND(ServedTaskVectors, EditStrategy):
     """MEND over `num_layers` consecutive MLP output projections ending at `layer` (see the module docstring).
 
     Args:
@@ -216,22 +214,3 @@ class MEND(EditStrategy):
             "edit_loss": float(loss),
             "change_norm": float(torch.stack([c.norm() for c in changes.values()]).norm()),
         }
-
-    def publish(self) -> None:
-        for layer, adapter in self.adapters.items():
-            adapter.serve([self.taus[layer]], [-math.inf])
-
-    def describe(self) -> dict[str, Any]:
-        norm = float(torch.stack([tau.norm() for tau in self.taus.values()]).norm())
-        return {"layer": self.layer, "layers": self.layers, "tau_norm": norm, "edits": self.edits}
-
-    # checkpoints --------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"taus": {k: v.clone() for k, v in self.taus.items()}, "edits": self.edits}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for layer, tau in state["taus"].items():
-            self.taus[layer].copy_(tau)
-        self.edits = state["edits"]
-        self.publish()
