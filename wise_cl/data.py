@@ -140,7 +140,7 @@ class EditStreamDataModule(L.LightningDataModule):
         self.chat_template = chat_template
         self.prompts = prompts
         self.requests: list[EditRequest] = []
-        self.predict_prompts: list[str] = []
+        self.predict_prompts: list[tuple[str, str]] = []  # (as given, as the model reads it)
 
     def prepare_data(self) -> None:
         self.setup()
@@ -156,9 +156,10 @@ class EditStreamDataModule(L.LightningDataModule):
                 self.requests = as_chat(self.requests, self.trainer.lightning_module.tokenizer)
         if stage == "predict":
             prompts = self.read_predict_prompts()
+            inputs = prompts
             if self.chat_template:
-                prompts = [chat_turn(self.trainer.lightning_module.tokenizer, p) for p in prompts]
-            self.predict_prompts = prompts
+                inputs = [chat_turn(self.trainer.lightning_module.tokenizer, p) for p in prompts]
+            self.predict_prompts = list(zip(prompts, inputs, strict=True))
 
     def read_predict_prompts(self) -> list[str]:
         if self.prompts is None:

@@ -126,8 +126,10 @@ class EditingModule(L.LightningModule):
             [generated[i] for i in batch.indices] if generated is not None else None,
         )
 
-    def predict_step(self, batch: list[str], batch_idx: int) -> list[dict[str, Any]]:
-        return answer_prompts(self.model, self.tokenizer, batch)
+    def predict_step(self, batch: list[tuple[str, str]], batch_idx: int) -> list[dict[str, Any]]:
+        """Answers to the batch's prompts, each recorded as given (not as the chat template wrapped it)."""
+        answers = answer_prompts(self.model, self.tokenizer, [model_input for _, model_input in batch])
+        return [answer | {"prompt": given} for answer, (given, _) in zip(answers, batch, strict=True)]
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self.metrics.compute()
