@@ -119,7 +119,9 @@ def first_lines(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 32
 ) -> list[str]:
     """Greedy answers of up to `max_new_tokens` tokens, stopped at the end of text or a newline."""
-    rows = greedy_tokens(model, tokenizer, prompts, max_new_tokens, True, len(prompts), stop_strings=["\n"])
+    rows = greedy_tokens(
+        model, tokenizer, prompts, max_new_tokens, stop_at_eos=True, chunk_rows=len(prompts), stop_strings=["\n"]
+    )
     return [text.split("\n")[0].strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
