@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
+from wise_cl.evaluation import scored_logits
 from wise_cl.optimisation import edit_nll
 from wise_cl.records import resource_path
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
@@ -191,10 +192,7 @@ class MEND(ServedTaskVectors, EditStrategy):
 
     def logits(self, rows: TeacherForcedBatch) -> Tensor:
         """Logits at the scored positions."""
-        hidden = self.model.base_model(
-            input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids
-        ).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[rows.scored])
+        return scored_logits(self.model, rows)
 
     def changes(self, factors: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         """The editor's weight change per layer (to subtract)."""
