@@ -1,5 +1,6 @@
 """Run editing strategies on the same stream at several T and tabulate reliability, generalization,
-locality, exact match and seconds per edit (markdown + JSON), with one plot of the forgetting curves.
+locality, the free-generation scores and seconds per edit (markdown + JSON), with one plot of the
+forgetting curves.
 
 python -m wise_cl.benchmarks.compare --configs configs/zsre_wise.yaml configs/zsre_wise_retrieve.yaml \
     --num-edits 1 10 100 --chunks 10 3 1 --out benchmarks/results/zsre_wise
@@ -23,8 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from wise_cl.plotting import plot_curves
+from wise_cl.provenance import code_version
 
-SCORES = ("reliability", "generalization", "locality", "exact_match", "edit_seconds_median")
+SCORES = (
+    "reliability",
+    "generalization",
+    "locality",
+    "exact_match",
+    "answer_match",
+    "rephrase_answer_match",
+    "generation_locality",
+    "edit_seconds_median",
+)
+COLUMNS = ("Rel.", "Gen.", "Loc.", "EM", "AM", "reph. AM", "gen. Loc.", "s/edit")
 
 
 def strategy_name(config: Path) -> str:
@@ -64,7 +76,8 @@ def run_chunk(config: Path, name: str, num_edits: int, chunk: int, out: Path, ex
 
 def summarise(name: str, num_edits: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean of each score over the chunks of one (strategy, T)."""
-    row: dict[str, Any] = {"strategy": name, "T": num_edits, "chunks": len(runs)}
+    commits = sorted({r.get("commit", "unknown")[:7] for r in runs})
+    row: dict[str, Any] = {"strategy": name, "T": num_edits, "chunks": len(runs), "commit": ",".join(commits)}
     for key in SCORES:
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.fmean(values) if values else None
@@ -77,8 +90,9 @@ def score_cells(row: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| strategy | T | chunks | Rel. | Gen. | Loc. | EM | s/edit |\n|---|---|---|---|---|---|---|---|\n"
-    cells = [[r["strategy"], r["T"], r["chunks"], *score_cells(r)] for r in rows]
+    names = ("strategy", "T", "chunks", "commit", *COLUMNS)
+    header = "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|\n"
+    cells = [[r["strategy"], r["T"], r["chunks"], r.get("commit", "-"), *score_cells(r)] for r in rows]
     return header + "".join("| " + " | ".join(map(str, c)) + " |\n" for c in cells)
 
 
@@ -98,8 +112,10 @@ def compare(
         if curve.exists():
             curves[name] = json.loads(curve.read_text())
     command = "python -m wise_cl.benchmarks.compare " + shlex.join(sys.argv[1:])
-    (out / "results.json").write_text(json.dumps({"command": command, "rows": rows, "runs": runs}, indent=1) + "\n")
-    (out / "results.md").write_text(f"`{command}`\n\n" + markdown_table(rows))
+    result = {"command": command, "commit": code_version(), "rows": rows, "runs": runs}
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    note = f"summarised at commit {result['commit']}; each row names the commits of its runs (first 7 digits)"
+    (out / "results.md").write_text(f"`{command}`\n\n{note}\n\n" + markdown_table(rows))
     if curves:
         plot_curves(curves, out / "forgetting_curves.png")
     return rows

@@ -45,9 +45,9 @@ class DeferLinear(SideMemoryLinear):
         super().__init__(base)
         self.classifier: Tensor | None = None
 
-    def decide_route(self, a: Tensor) -> Tensor:
+    def decide_route(self, a: Tensor, base: Tensor | None = None) -> Tensor:
         if self.classifier is None or not self.taus:
-            return super().decide_route(a)
+            return super().decide_route(a, base)
         mask = self.token_mask if self.token_mask is not None and self.token_mask.shape == a.shape[:2] else None
         logits = deferral_logits(self.classifier, a, mask)
         return torch.where(logits > 0, 0, MAIN)

@@ -50,8 +50,13 @@ class WISE(LinearEditStrategy):
         gamma: margin between edit and irrelevant activation scores.
         act_loss_weight: weight of the activation loss against the editing loss (1 in the paper; its
             gradient grows with the squared activation norm, so models with large activations need less).
+        act_loss_form: `mean`: each hinge averaged over all its rows, every edit row against the mean
+            irrelevant score; `official` (the paper's code): the gap hinge for every (irrelevant row, edit row)
+            pair, and each hinge averaged over its violating entries only (0 when none violates).
         act_ratio: routing threshold as a share of the smallest edit score a memory holds.
         lr: SGD learning rate on the side memory.
+        weight_bound: after every step each entry of the task vector is clamped to [-bound, bound], so W'
+            stays within W +/- bound (0: off; the paper's code uses 1).
         n_iter: optimisation steps per experience at most.
         early_stop_loss: stop an experience's loop once the loss is below this.
         early_stop_on: `loss` (editing plus activation loss) or `edit_loss` (the editing loss alone: the
@@ -60,6 +65,13 @@ class WISE(LinearEditStrategy):
         context_length: tokens per generated prefix.
         score_context: count the context prefix tokens in an edit row's activation score (False: only
             the prompt and target tokens, which are what a routed sequence holds at inference).
+        threshold_rows: the score an edit records for its memory's threshold: `plain`, the smallest score among
+            its rows without a context prefix; `all` (the paper's code), the mean over all its rows. Consolidation
+            and re-scoring record plain rows either way.
+        score_activation: put the model's activation function around the side and main outputs before their
+            distance, `||act(W'a) - act(Wa)||` (the paper's code; False: `||W'a - Wa||`, the paper's Eq. 3).
+        keep_route: generation keeps the route decided on the prompt for every new token (False: every new token
+            is routed again on itself alone, as the paper's code does).
         route_on: `sequence` (the paper): a sequence's activation score, for training, thresholds and routing,
             averages over its prompt and answer tokens; `prompt`: over its prompt tokens alone, which is what
             generation has when it decides the route, so a memory's threshold is set on what it is used on.
@@ -116,14 +128,19 @@ class WISE(LinearEditStrategy):
         beta: float = 20.0,
         gamma: float = 10.0,
         act_loss_weight: float = 1.0,
+        act_loss_form: str = "mean",
         act_ratio: float = 0.88,
         lr: float = 1.0,
+        weight_bound: float = 0.0,
         n_iter: int = 70,
         early_stop_loss: float = 0.01,
         early_stop_on: str = "loss",
         num_context: int = 10,
         context_length: int = 10,
         score_context: bool = False,
+        threshold_rows: str = "plain",
+        score_activation: bool = False,
+        keep_route: bool = True,
         route_on: str = "sequence",
         irrelevant_source: str = "zsre",
         num_irrelevant: int = 1,
@@ -145,6 +162,8 @@ class WISE(LinearEditStrategy):
         require_choice(merge_method, "merge_method", MERGE_METHODS)
         require_choice(early_stop_on, "early_stop_on", ("loss", "edit_loss"))
         require_choice(route_on, "route_on", ("sequence", "prompt"))
+        require_choice(act_loss_form, "act_loss_form", ("mean", "official"))
+        require_choice(threshold_rows, "threshold_rows", ("plain", "all"))
         for name, value in (("mask_ratio", mask_ratio), ("merge_density", merge_density)):
             require(0 < value <= 1, name, "in (0, 1]", value)
         require(0 < calibration_quantile <= 1, "calibration_quantile", "in (0, 1]", calibration_quantile)
@@ -159,6 +178,7 @@ class WISE(LinearEditStrategy):
             "beta": beta,
             "gamma": gamma,
             "act_loss_weight": act_loss_weight,
+            "weight_bound": weight_bound,
             "early_stop_loss": early_stop_loss,
             "replay": replay,
             "consolidate_steps": consolidate_steps,
@@ -174,10 +194,11 @@ class WISE(LinearEditStrategy):
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
         self.merge_method, self.merge_density, self.prior_merge_weight = merge_method, merge_density, prior_merge_weight
         self.alpha, self.beta, self.gamma, self.act_ratio = alpha, beta, gamma, act_ratio
-        self.act_loss_weight = act_loss_weight
+        self.act_loss_weight, self.act_loss_form, self.weight_bound = act_loss_weight, act_loss_form, weight_bound
         self.lr, self.n_iter, self.early_stop_loss = lr, n_iter, early_stop_loss
         self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
+        self.threshold_rows, self.score_activation, self.keep_route = threshold_rows, score_activation, keep_route
         self.route_on = route_on
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
@@ -194,6 +215,8 @@ class WISE(LinearEditStrategy):
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)
         self.adapter.route_on_prompt = self.route_on == "prompt"
+        self.adapter.reroute_each_token = not self.keep_route
+        self.adapter.score_activation = model_activation(model) if self.score_activation else None
         if self.calibration_texts >= len(self.irrelevant):
             raise ValueError(
                 f"strategy.calibration_texts: {self.calibration_texts} held back, but irrelevant_source"
@@ -258,15 +281,17 @@ class WISE(LinearEditStrategy):
                 prompts.append(f"{context} {request.prompt}" if context else request.prompt)
                 targets.append(request.target)
                 context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
-        plain = slice(0, len(prompts), 1 + len(self.contexts))  # the new edits' rows without a context
+        rows_per_edit, new_rows = 1 + len(self.contexts), len(prompts)
         memory = self.memory
         if self.rehearse_shard:
             prompts += [edit.prompt for edit in memory.shard_edits]
             targets += [edit.target for edit in memory.shard_edits]
             context_lengths += [0] * len(memory.shard_edits)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
+        new_scores = scores[:new_rows].view(-1, rows_per_edit)
+        new_scores = new_scores.mean(1) if self.threshold_rows == "all" else new_scores[:, 0]
         # with rehearsal the rows hold every edit of the shard, so their minimum replaces the running one
-        current = torch.cat([scores[plain], scores[plain.stop :]]).min().item()
+        current = torch.cat([new_scores, scores[new_rows:]]).min().item()
         shard_min_score = current if self.rehearse_shard else min(memory.shard_min_score, current)
         edits = [Edit(i, r.prompt, r.target) for i, r in zip(batch.indices, batch.requests, strict=True)]
         memory.add(edits, shard_min_score)
@@ -329,7 +354,9 @@ class WISE(LinearEditStrategy):
             loss = edit_loss + self.act_loss_weight * act_loss
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 
-        stats = optimise(forward, tau, loss_fn, self.lr, n_iter, self.early_stop_loss, mask, self.early_stop_on)
+        stats = optimise(
+            forward, tau, loss_fn, self.lr, n_iter, self.early_stop_loss, mask, self.early_stop_on, self.weight_bound
+        )
         return stats, forward.scores(tau)[:n_edit]
 
     def score_mask(self, rows: TeacherForcedBatch) -> Tensor:
@@ -357,6 +384,10 @@ class WISE(LinearEditStrategy):
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""
+        if self.act_loss_form == "official":
+            gaps = irrelevant_scores[:, None] - edit_scores[None, :] + self.gamma
+            hinges = (gaps, irrelevant_scores - self.alpha, self.beta - edit_scores)
+            return sum(violating_mean(hinge) for hinge in hinges)
         d_i = irrelevant_scores.mean()
         return (
             F.relu(d_i - edit_scores + self.gamma).mean()
@@ -444,3 +475,20 @@ class WISE(LinearEditStrategy):
         self.negatives = dict(state["negatives"])
         self.activation_memo = {tuple(tokens): activation for tokens, activation in state.get("activation_memo", [])}
         self.publish()
+
+
+def violating_mean(hinge: Tensor) -> Tensor:
+    """The mean of the positive entries of `hinge` (0 when there are none), as the paper's code reduces a hinge."""
+    violating = hinge[hinge > 0]
+    return violating.mean() if violating.numel() else hinge.new_zeros(())
+
+
+def model_activation(model: PreTrainedModel) -> str:
+    """The name of the model's MLP activation function (`hidden_act`, or GPT-2's `activation_function`)."""
+    name = getattr(model.config, "hidden_act", None) or getattr(model.config, "activation_function", None)
+    if not isinstance(name, str):
+        raise ValueError(
+            f"strategy.score_activation: the model's config ({type(model.config).__name__}) names no activation"
+            " function (hidden_act); set score_activation: false"
+        )
+    return name

@@ -23,7 +23,9 @@ def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(t
     assert [r["num_edits"] for r in runs] == [1, 1, 3] and all(r["edits_done"] == r["num_edits"] for r in runs)
     single = [r["reliability"] for r in runs[:2]]
     assert abs(rows[0]["reliability"] - sum(single) / 2) < 1e-9
-    assert (out / "results.md").read_text().count("| wise |") == 2
+    table = (out / "results.md").read_text()
+    assert table.count("| wise |") == 2 and "| EM | AM | reph. AM | gen. Loc. | s/edit |" in table
+    assert rows[0]["commit"] == runs[0]["commit"][:7]  # the code version each row came from
     assert (out / "forgetting_curves.png").stat().st_size > 0
     assert (out / "tensorboard" / "wise" / "T3-chunk0").glob("events.out.tfevents.*")
     finished = out / "tensorboard" / "wise" / "T1-chunk1" / "metrics.json"

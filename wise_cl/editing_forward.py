@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from wise_cl.metrics import per_request_mean
 from wise_cl.rows import TeacherForcedBatch
-from wise_cl.side_memory import SideMemoryLinear, sequence_scores
+from wise_cl.side_memory import SideMemoryLinear, output_distances, sequence_scores
 
 
 class _CachedLayer(nn.Module):
@@ -100,7 +100,7 @@ class FullForward:
                 ).logits
         finally:
             handle.remove()
-        scores = sequence_scores(F.linear(captured[0], tau), self.score_mask)
+        scores = sequence_scores(self.adapter.distances(captured[0], tau), self.score_mask)
         return logits[self.batch.scored], scores
 
     @torch.no_grad()
@@ -151,6 +151,10 @@ class CachedForward(FullForward):
         counts = torch.tensor([int(m.sum()) for m in token_masks], dtype=torch.long)
         self.tail_rows = torch.repeat_interleave(torch.arange(len(keys)), counts).to(batch.input_ids.device)
         self.dummy_embeds = torch.zeros_like(self.layer_output[:, :t])
+        # the main memory's output, for scores that put an activation function around both outputs
+        activation_around = adapter.score_activation is not None
+        self.base_output = adapter.base(self.activation) if activation_around else None
+        self.tail_base = adapter.base(self.tail_tokens) if activation_around and keys else None
 
     def _tail_activations(self, batch: TeacherForcedBatch, rows: list[int], chunk: int = 32) -> list[Tensor]:
         """The edited layer's input activation at the real tokens of each of `rows`. Rows run in chunks of
@@ -206,12 +210,12 @@ class CachedForward(FullForward):
 
     def _scores(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         """`tau a` on the rows that go up, and the activation score of every row."""
-        n = self.upper[0]
+        n, activation = self.upper[0], self.adapter.score_activation
         delta = F.linear(self.activation, tau)
-        scores = sequence_scores(delta, self.score_mask[:n])
+        scores = sequence_scores(output_distances(delta, self.base_output, activation), self.score_mask[:n])
         if self.tail_tokens is not None:
-            norms = F.linear(self.tail_tokens, tau).norm(dim=-1)
-            tail_scores = per_request_mean(norms, self.tail_rows, self.score_mask.shape[0] - n)
+            distances = output_distances(F.linear(self.tail_tokens, tau), self.tail_base, activation)
+            tail_scores = per_request_mean(distances, self.tail_rows, self.score_mask.shape[0] - n)
             scores = torch.cat([scores, tail_scores.to(scores.dtype)])
         return delta, scores
 

@@ -21,10 +21,12 @@ def optimise(
     early_stop_loss: float = 0.0,
     grad_mask: Tensor | None = None,
     stop_on: str = "loss",
+    bound: float = 0.0,
 ) -> dict[str, float]:
     """Plain SGD on `param` for at most `n_iter` steps on `loss_fn(*forward(param))["loss"]`, stopping
     once the term named `stop_on` is below `early_stop_loss`; the gradient is multiplied by
-    `grad_mask` so nothing outside it moves."""
+    `grad_mask` so nothing outside it moves, and with a `bound` every entry is clamped to
+    [-bound, bound] after each step."""
     optimizer = torch.optim.SGD([param], lr=lr)
     steps = 0
     while steps < n_iter:
@@ -37,6 +39,9 @@ def optimise(
         if grad_mask is not None:
             param.grad.mul_(grad_mask)
         optimizer.step()
+        if bound:
+            with torch.no_grad():
+                param.clamp_(-bound, bound)
     return {**{name: value.item() for name, value in losses.items()}, "steps": steps}
 
 

@@ -27,8 +27,9 @@ SIDE_MEMORIES = "side_memories.safetensors"
 ANSWER_TOKENS = 32
 ROUTING = (
     "per sequence: the side memory with the highest activation score answers if that score exceeds its"
-    " threshold, else the main memory; decided on the prompt and kept for every generated token; a"
-    " teacher-forced sequence is scored on its prompt alone when route_on is prompt"
+    " threshold, else the main memory; decided on the prompt and kept for every generated token (decided"
+    " again on each new token alone when keep_route is false); a teacher-forced sequence is scored on its"
+    " prompt alone when route_on is prompt"
 )
 
 
@@ -84,6 +85,8 @@ def export_edited(run: str | Path, out: str | Path) -> Path:
         "layer": strategy.layer,
         "thresholds": strategy.adapter.thresholds,
         "route_on": strategy.route_on,
+        "keep_route": strategy.keep_route,
+        "score_activation": strategy.adapter.score_activation,
         "routing": ROUTING,
         "edits": state["edits_done"],
         "run": str(Path(run).resolve()),

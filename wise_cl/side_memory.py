@@ -2,7 +2,8 @@
 
 Each side memory is stored as a task vector tau = W' - W, so the side output is
 `W a + tau a` and the activation score of a sequence is the mean over its real tokens of
-`||tau a_t||_2` (the paper's Eq. 3, without an activation function around the outputs).
+`||tau a_t||_2` (the paper's Eq. 3), or, with `score_activation` set to the model's activation
+function, of `||act(W a_t + tau a_t) - act(W a_t)||_2` (the paper's official code).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers.activations import ACT2FN
 
 from wise_cl.models import find_module, replace_module
 
@@ -32,13 +34,21 @@ def route(scores: Tensor, thresholds: Tensor) -> Tensor:
     return torch.where(best > thresholds[index], index, torch.full_like(index, MAIN))
 
 
-def sequence_scores(delta: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Per sequence, the mean over real tokens of the L2 norm of `delta` ([batch, tokens, out])."""
-    norms = delta.norm(dim=-1)
+def output_distances(delta: Tensor, base: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """Per token, the distance between the side output `base + delta` and the main output `base`:
+    `||delta||`, or `||act(base + delta) - act(base)||` with the name of an activation function."""
+    if activation is None:
+        return delta.norm(dim=-1)
+    act = ACT2FN[activation]
+    return (act(base + delta) - act(base)).norm(dim=-1)
+
+
+def sequence_scores(distances: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Per sequence, the mean over real tokens (`token_mask`) of the per-token `distances` ([batch, tokens])."""
     if token_mask is None:
-        return norms.mean(-1)
-    mask = token_mask.to(norms.dtype)
-    return (norms * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return distances.mean(-1)
+    mask = token_mask.to(distances.dtype)
+    return (distances * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 class SideMemoryLinear(nn.Module):
@@ -46,7 +56,8 @@ class SideMemoryLinear(nn.Module):
 
     `taus` and `thresholds` hold the side memories that serve; a sequence goes to the memory with
     the highest activation score when that score exceeds the memory's threshold, else to the main
-    memory. The route is decided once per sequence (per prompt during generation) and kept.
+    memory. The route is decided once per sequence (per prompt during generation) and kept; with
+    `reroute_each_token` every generated token is routed again on itself alone (the paper's code).
     With `route_on_prompt`, a teacher-forced sequence is scored on its prompt tokens alone (see `prompt_tokens`),
     as generation, which decides on the prompt, sees it.
     Inside `with adapter.trained_with(tau)` every row uses `tau` instead (the editing forward).
@@ -63,6 +74,14 @@ class SideMemoryLinear(nn.Module):
         self.route: Tensor | None = None
         self.route_on_prompt = False
         self.prompt_mask: Tensor | None = None
+        self.reroute_each_token = False
+        self.score_activation: str | None = None  # activation function around the outputs of a score
+
+    def distances(self, a: Tensor, tau: Tensor, base: Tensor | None = None) -> Tensor:
+        """Per token, the distance between the output of `W + tau` and of `W` (`base`: `W a`, if known)."""
+        if self.score_activation is not None and base is None:
+            base = self.base(a)
+        return output_distances(F.linear(a, tau), base, self.score_activation)
 
     @property
     def weight(self) -> Tensor:
@@ -83,17 +102,17 @@ class SideMemoryLinear(nn.Module):
             raise ValueError(f"{len(taus)} side memories but {len(thresholds)} thresholds")
         self.taus, self.thresholds = list(taus), list(thresholds)
 
-    def scores(self, a: Tensor) -> Tensor:
+    def scores(self, a: Tensor, base: Tensor | None = None) -> Tensor:
         """Activation score of every sequence on every serving memory: [memories, batch]."""
         mask = self.prompt_mask if self.route_on_prompt and self.prompt_mask is not None else self.token_mask
         mask = mask if mask is not None and mask.shape == a.shape[:2] else None
-        return torch.stack([sequence_scores(F.linear(a, tau), mask) for tau in self.taus])
+        return torch.stack([sequence_scores(self.distances(a, tau, base), mask) for tau in self.taus])
 
-    def decide_route(self, a: Tensor) -> Tensor:
+    def decide_route(self, a: Tensor, base: Tensor | None = None) -> Tensor:
         """Per sequence, the index of the side memory that answers, or MAIN."""
         if not self.taus:
             return torch.full((a.shape[0],), MAIN, dtype=torch.long, device=a.device)
-        scores = self.scores(a)
+        scores = self.scores(a, base)
         thresholds = torch.tensor(self.thresholds, dtype=scores.dtype, device=a.device)
         return route(scores, thresholds)
 
@@ -102,7 +121,7 @@ class SideMemoryLinear(nn.Module):
         if self.train_tau is not None:
             return out + F.linear(a, self.train_tau)
         if not (self.keep_route and self.route is not None and self.route.shape[0] == a.shape[0]):
-            self.route = self.decide_route(a)
+            self.route = self.decide_route(a, out)
         for m, tau in enumerate(self.taus):
             rows = self.route == m
             if rows.any():
@@ -130,7 +149,8 @@ def _routing_context_hook(adapter: SideMemoryLinear):
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        adapter.keep_route = cache is not None and cache.get_seq_length() > 0
+        continued = cache is not None and cache.get_seq_length() > 0
+        adapter.keep_route = continued and not adapter.reroute_each_token
         if not adapter.keep_route:
             adapter.token_mask = kwargs.get("attention_mask")
 
@@ -171,6 +191,8 @@ def save_side_memories(adapter: SideMemoryLinear, path: str | Path, layer: str) 
     tensors = {f"tau.{i}": tau.detach().contiguous().cpu() for i, tau in enumerate(adapter.taus)}
     metadata = {"layer": layer, "thresholds": json.dumps(adapter.thresholds)}
     metadata["route_on"] = "prompt" if adapter.route_on_prompt else "sequence"
+    metadata["reroute_each_token"] = json.dumps(adapter.reroute_each_token)
+    metadata["score_activation"] = json.dumps(adapter.score_activation)
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -182,11 +204,16 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
             taus = [f.get_tensor(f"tau.{i}") for i in range(len(f.keys()))]
         thresholds = json.loads(metadata["thresholds"])
         layer = metadata["layer"]
-        route_on = metadata.get("route_on", "sequence")  # files from before the option route on the sequence
+        # files from before these options route on the whole sequence, keep the route, score without activation
+        route_on = metadata.get("route_on", "sequence")
+        reroute_each_token = json.loads(metadata.get("reroute_each_token", "false"))
+        score_activation = json.loads(metadata.get("score_activation", "null"))
     except (OSError, KeyError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: not a side-memory file written by save_side_memories ({error})") from None
     if len(thresholds) != len(taus) or not all(isinstance(t, (int, float)) for t in thresholds):
         raise ValueError(f"{path}: {len(taus)} side memories but thresholds {thresholds!r}")
+    if score_activation is not None and score_activation not in ACT2FN:
+        raise ValueError(f"{path}: score_activation '{score_activation}' is no activation function transformers knows")
     weight = find_module(model, layer).weight
     for i, tau in enumerate(taus):
         if tau.shape != weight.shape or not torch.isfinite(tau).all():
@@ -194,4 +221,5 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
     adapter = attach_side_memory(model, layer)
     adapter.serve([tau.to(adapter.weight) for tau in taus], thresholds)
     adapter.route_on_prompt = route_on == "prompt"
+    adapter.reroute_each_token, adapter.score_activation = bool(reroute_each_token), score_activation
     return adapter
