@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -13,6 +14,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from wise_cl.data import EditBatch
 from wise_cl.records import read_irrelevant_prompts
 from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory
+
+
+def mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Each statistic's mean over the requests (or loops) of one experience."""
+    return {name: statistics.fmean(s[name] for s in stats) for name in stats[0]}
 
 
 class EditStrategy(ABC):

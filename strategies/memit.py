@@ -13,7 +13,6 @@ W_l += R^T K (lambda C_l + K^T K)^-1, which maps K towards R while keeping the c
 from __future__ import annotations
 
 import re
-import statistics
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from wise_cl.editing_forward import decoder_layer_index
 from wise_cl.key_statistics import cached_second_moments, captured_outputs
 from wise_cl.records import EditRequest, read_corpus
 from wise_cl.side_memory import attach_side_memory, detach_side_memory
-from wise_cl.strategies.base import ServedTaskVectors
+from wise_cl.strategies.base import ServedTaskVectors, mean_stats
 from wise_cl.strategies.rome import ROME
 from wise_cl.validation import require
 
@@ -103,7 +102,7 @@ class MEMIT(ServedTaskVectors, ROME):
             self.taus[layer] += self.layer_update(layer, keys, gap)
             self.publish()
         self.edits += len(requests)
-        return {name: statistics.fmean(s[name] for s in stats) for name in stats[0]}
+        return mean_stats(stats)
 
     @torch.no_grad()
     def residual_at_subject(self, requests: list[EditRequest]) -> Tensor:

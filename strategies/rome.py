@@ -29,7 +29,7 @@ from wise_cl.optimisation import edit_nll
 from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
 from wise_cl.records import EditRequest, read_corpus
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
-from wise_cl.strategies.base import LinearEditStrategy
+from wise_cl.strategies.base import LinearEditStrategy, mean_stats
 from wise_cl.validation import require
 
 RIDGE = 1e-4  # C + RIDGE * mean(diag C) * I: keeps the solve stable where the corpus leaves C nearly singular
@@ -107,14 +107,15 @@ class ROME(LinearEditStrategy):
     # editing ------------------------------------------------------------------------------------
 
     def edit(self, batch: EditBatch) -> dict[str, float]:
-        stats = {}
+        stats = []
         for request in batch.requests:
             key = self.keys(self.adapter, [request])[0]
-            change, stats = self.value_change(request, key)
+            change, request_stats = self.value_change(request, key)
+            stats.append(request_stats)
             self.tau += self.rank_one_update(key, change)
             self.edits += 1
             self.publish()
-        return stats
+        return mean_stats(stats)
 
     def prompts(self, request: EditRequest) -> list[str]:
         """The bare prompt, then the prompt after each generated prefix."""

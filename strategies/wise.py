@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
 from wise_cl.records import read_subjects
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import save_side_memories
-from wise_cl.strategies.base import LinearEditStrategy
+from wise_cl.strategies.base import LinearEditStrategy, mean_stats
 from wise_cl.strategies.wise_memory import Edit, ShardedMemory
 from wise_cl.validation import require, require_choice
 
@@ -271,7 +270,7 @@ class WISE(LinearEditStrategy):
     def edit(self, batch: EditBatch) -> dict[str, float]:
         if not self.batch_edit and len(batch) > 1:
             stats = [self.edit(EditBatch([i], [r])) for i, r in zip(batch.indices, batch.requests, strict=True)]
-            return {name: statistics.fmean(s[name] for s in stats) for name in stats[0]}
+            return mean_stats(stats)
         if len(self.contexts) < self.num_context:
             self.contexts = self.generate_contexts()
         prompts, targets, context_lengths = [], [], []

@@ -231,6 +231,22 @@ def test_rome_update_is_rank_one_and_maps_the_key_to_its_new_value(tiny, zsre10)
     torch.testing.assert_close(F.linear(key, weight + update), F.linear(key, weight) + change, rtol=1e-4, atol=1e-4)
 
 
+def test_rome_reports_the_mean_statistics_of_a_batchs_requests(tiny, zsre10, monkeypatch):
+    strategy = tiny_strategy("rome")
+    strategy.prepare(*tiny)
+    value_change, reported = strategy.value_change, []
+
+    def recorded(request, key):
+        change, stats = value_change(request, key)
+        reported.append(stats)
+        return change, stats
+
+    monkeypatch.setattr(strategy, "value_change", recorded)
+    stats = strategy.edit(EditBatch([0, 1], zsre10[:2]))
+    assert reported[0]["loss"] != reported[1]["loss"]
+    assert stats["loss"] == pytest.approx((reported[0]["loss"] + reported[1]["loss"]) / 2)
+
+
 @pytest.mark.parametrize("name", ["rome", "memit"])
 def test_rome_and_memit_raise_the_target_token_their_key_predicts(name, tiny, zsre10):
     # the tiny random model carries little from a subject mid-prompt to the answer, so the key here is the
