@@ -96,6 +96,10 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     # WISE-Merge holds every edit in its one memory: the routing report's forced and routed figures come along
     assert all(0 <= r["forced_reliability"] <= 1 and 0 <= r["routed_to_holder"] <= 1 for r in rows)
     assert (tmp_path / "runs" / "counterfact_5_T3" / "routing.json").is_file()
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| stream |"))
+    assert "| EM | AM | reph. AM | gen. Loc. | s/edit |" in header
+    assert all(line.count("|") == header.count("|") for line in lines if line.startswith("| zsre_train_0_T3 |"))
     assert len(result["single_edits"]["rows"]) == 2 and result["commit"]
     assert all(r["commit"] not in ("", "unknown") for r in rows)
     assert (tmp_path / "curves.png").stat().st_size > 0
