@@ -8,10 +8,12 @@ from conftest import TINY_LAYER, TINY_WISE
 from wise_cl.benchmarks.activation_overlap import mean_activations, overlap
 from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
+from wise_cl.benchmarks.inference_overhead import inference_overhead, markdown
 from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.benchmarks.soak import main as soak
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
+from wise_cl.cli import main as wise_cl
 from wise_cl.strategies.wise import WISE
 
 
@@ -132,3 +134,21 @@ def test_soak_kills_and_resumes_to_the_uninterrupted_result(tmp_path):
     assert 1 <= len(result["kills"]) <= 2 and result["uninterrupted"]["edits_done"] == 8
     assert result["same_scores"] and result["same_side_memories"]
     assert json.loads((tmp_path / "soak.json").read_text())["same_side_memories"] is True
+
+
+def test_inference_overhead_times_runs_and_synthetic_memories_against_the_unedited_model(tmp_path):
+    config = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    wise_cl(["fit", *config, *TINY_WISE, "--data.num_edits=3"])
+    (run,) = tmp_path.glob("zsre_wise/version_*")
+    rows = inference_overhead([run], [0, 4], "tiny", TINY_LAYER, num_prompts=4, new_tokens=2, repeats=1)
+    served = json.loads((run / "metrics.json").read_text())["num_side_memories"]
+    assert [(r["run"], r["edits"], r["side_memories"]) for r in rows] == [
+        (str(run), 3, served),
+        ("synthetic:0", None, 0),
+        ("synthetic:4", None, 4),
+    ]
+    for row in rows:
+        for name in ("scoring", "generation"):
+            assert row[f"{name}_ratio"] == pytest.approx(row[f"{name}_seconds"] / row[f"unedited_{name}_seconds"])
+            assert row[f"{name}_seconds"] > 0
+    assert markdown(rows).count("\n") == 2 + len(rows)
