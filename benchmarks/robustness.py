@@ -26,20 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wise_cl.benchmarks.compare import run_fit
+from wise_cl.benchmarks.compare import QUALITY, QUALITY_HEADS, run_fit
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.plotting import plot_curves
 from wise_cl.provenance import code_version
 
-QUALITY = (
-    "reliability",
-    "generalization",
-    "locality",
-    "exact_match",
-    "answer_match",
-    "rephrase_answer_match",
-    "generation_locality",
-)
 ROUTING = ("forced_reliability", "routed_to_holder")  # from the routing report, with --routing
 COST = ("edit_seconds_median",)
 
@@ -127,17 +118,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]], curve_at: list[int]) -> str:
     columns = [*QUALITY, *COST, *(f"{m}@{t}" for t in curve_at for m in ("reliability", "locality"))]
-    heads = [
-        "Rel.",
-        "Gen.",
-        "Loc.",
-        "EM",
-        "AM",
-        "reph. AM",
-        "gen. Loc.",
-        "s/edit",
-        *(f"{m}@{t}" for t in curve_at for m in ("Rel", "Loc")),
-    ]
+    heads = [*QUALITY_HEADS, "s/edit", *(f"{m}@{t}" for t in curve_at for m in ("Rel", "Loc"))]
     if curve_at:
         columns.append("curve_min_reliability_from_20")
         heads.append("min curve Rel (>=20)")
