@@ -40,7 +40,8 @@ def answer_prompts(
     max_new_tokens: int = ANSWER_TOKENS,
 ) -> list[dict[str, Any]]:
     """Greedy answers of up to `max_new_tokens` tokens, stopped at the end of text or a newline, each with
-    the memory that answered (`main` or a side memory's index; absent when the model has no side memory)."""
+    the memory that answered (`main` or a side memory's index; absent when the model has no side memory;
+    for a model that routes every generated token again, the memory of the last one)."""
     texts = first_lines(model, tokenizer, prompts, max_new_tokens)
     answers = [{"prompt": prompt, "answer": text} for prompt, text in zip(prompts, texts, strict=True)]
     adapter = next((m for m in model.modules() if isinstance(m, SideMemoryLinear)), None)
