@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import few_row_logits
+from wise_cl.evaluation import scored_logits
 from wise_cl.key_statistics import added_to_output, cached_second_moments, captured_inputs
 from wise_cl.optimisation import edit_nll
 from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
@@ -134,13 +134,11 @@ class ROME(LinearEditStrategy):
         at = [subject_last_token(self.tokenizer, text, subject) for text, subject in zip(texts, subjects, strict=True)]
         return rows, torch.tensor(at, device=self.model.device)
 
-    def run(self, rows: TeacherForcedBatch, at: Tensor | None = None) -> Tensor | None:
-        """Run the model on `rows`; the logits where `at` ([batch, tokens] bool) is set, in row order (the LM head
-        runs on those positions alone), or None without `at`."""
-        hidden = self.model.base_model(
+    def run(self, rows: TeacherForcedBatch) -> None:
+        """Run the decoder on `rows` (for what hooks capture; no logits)."""
+        self.model.base_model(
             input_ids=rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids
-        ).last_hidden_state
-        return None if at is None else few_row_logits(self.model.get_output_embeddings(), hidden[at])
+        )
 
     @torch.no_grad()
     def keys(self, module: nn.Module, requests: list[EditRequest]) -> Tensor:
@@ -167,14 +165,14 @@ class ROME(LinearEditStrategy):
         scored = rows.scored.clone()
         scored[-1, last] = True  # after the prompts' target positions (the essence row has no target)
         with torch.no_grad():
-            reference = self.run(rows, scored)[-1].float().log_softmax(-1)
+            reference = scored_logits(self.model, rows, scored)[-1].float().log_softmax(-1)
         current_norm = F.linear(key, self.adapter.weight + self.tau).norm()
         change = key.new_zeros(self.adapter.weight.shape[0], requires_grad=True)
         optimizer, steps = torch.optim.Adam([change], lr=self.lr), 0
         while steps < self.n_iter:
             steps += 1
             with added_to_output(self.adapter, row_index, at, change):
-                logits = self.run(rows, scored)
+                logits = scored_logits(self.model, rows, scored)
             nll = edit_nll(logits[:-1], rows, len(prompts)).mean()
             kl = F.kl_div(reference, logits[-1].float().log_softmax(-1), log_target=True, reduction="sum")
             decay = change.pow(2).sum() / current_norm.pow(2)

@@ -19,12 +19,13 @@ from wise_cl.side_memory import prompt_tokens
 LOCALITY_TOKENS = 16  # greedy tokens compared for generation locality
 
 
-def scored_logits(model: PreTrainedModel, batch: TeacherForcedBatch) -> Tensor:
-    """Logits at the scored positions only: the decoder runs in full, the LM head on few rows."""
+def scored_logits(model: PreTrainedModel, batch: TeacherForcedBatch, positions: Tensor | None = None) -> Tensor:
+    """Logits at the scored positions only (or at `positions`, [batch, tokens] bool), in row order: the decoder
+    runs in full, the LM head on few rows."""
     hidden = model.base_model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
     ).last_hidden_state
-    return model.get_output_embeddings()(hidden[batch.scored])
+    return model.get_output_embeddings()(hidden[batch.scored if positions is None else positions])
 
 
 @dataclass
