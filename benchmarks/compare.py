@@ -1,6 +1,7 @@
 """Run editing strategies on the same stream at several T and tabulate reliability, generalization,
 locality, the free-generation scores and seconds per edit (markdown + JSON), with one plot of the
-forgetting curves.
+forgetting curves. The table shows the scores the data set has: out-of-distribution generalization
+(temporal) and target perplexity (hallucination, as the paper reports it) among them.
 
 python -m wise_cl.benchmarks.compare --configs configs/zsre_wise.yaml configs/zsre_wise_retrieve.yaml \
     --num-edits 1 10 100 --chunks 10 3 1 --out benchmarks/results/zsre_wise
@@ -9,7 +10,7 @@ T = 1 and 10 average `chunks` consecutive chunks of T requests, each edited from
 (reset between chunks, as in the paper); a single chunk is one stream of T edits. Every chunk is a
 `wise-cl fit` run (its own process) logged to TensorBoard under `<out>/tensorboard/<strategy>/T<T>-chunk<k>`. Arguments
 after `--` go to every run (`-- --model.strategy.init_args.alpha=2`). A rerun skips finished chunks
-and resumes an interrupted one from its last checkpoint.
+and resumes an interrupted one from its last checkpoint. `--unedited` adds the unedited model's row.
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ from typing import Any
 from wise_cl.plotting import plot_curves
 from wise_cl.provenance import code_version
 
-QUALITY = (
-    "reliability",
-    "generalization",
-    "locality",
-    "exact_match",
-    "answer_match",
-    "rephrase_answer_match",
-    "generation_locality",
-)
-QUALITY_HEADS = ("Rel.", "Gen.", "Loc.", "EM", "AM", "reph. AM", "gen. Loc.")  # table columns of QUALITY
-SCORES = (*QUALITY, "edit_seconds_median")
-COLUMNS = (*QUALITY_HEADS, "s/edit")
+# the scores a table can show and their column heads; a table leaves out the columns no row has
+QUALITY = {
+    "reliability": "Rel.",
+    "generalization": "Gen.",
+    "ood_generalization": "OOD Gen.",
+    "locality": "Loc.",
+    "perplexity": "PPL",
+    "exact_match": "EM",
+    "answer_match": "AM",
+    "rephrase_answer_match": "reph. AM",
+    "generation_locality": "gen. Loc.",
+}
+COST = {"edit_seconds_median": "s/edit"}
+SCORES = QUALITY | COST
+LOWER_IS_BETTER = {"perplexity", *COST}
 
 
 def strategy_name(config: Path) -> str:
@@ -45,8 +49,9 @@ def strategy_name(config: Path) -> str:
     return config.stem.split("_", 1)[-1]
 
 
-def run_fit(config: Path, folder: Path, args: list[str]) -> dict[str, Any]:
-    """One `wise-cl fit` run of `config` with `args`, logged to `folder`; its metrics.json as a dict.
+def run_fit(config: Path, folder: Path, args: list[str], subcommand: str = "fit") -> dict[str, Any]:
+    """One `wise-cl fit` run of `config` with `args` (or `wise-cl test`: the unedited model scored), logged to
+    `folder`; its metrics.json as a dict.
 
     A finished run (metrics.json present) is not run again; an interrupted one resumes from its checkpoint.
     """
@@ -54,7 +59,7 @@ def run_fit(config: Path, folder: Path, args: list[str]) -> dict[str, Any]:
     if metrics.exists():
         return json.loads(metrics.read_text())
     args = [
-        "fit",
+        subcommand,
         f"--config={config}",
         *args,
         f"--trainer.logger.init_args.save_dir={folder.parent.parent}",
@@ -69,10 +74,13 @@ def run_fit(config: Path, folder: Path, args: list[str]) -> dict[str, Any]:
     return json.loads(metrics.read_text())
 
 
-def run_chunk(config: Path, name: str, num_edits: int, chunk: int, out: Path, extra: list[str]) -> dict[str, Any]:
-    """One `wise-cl fit` run over requests `chunk * T .. chunk * T + T - 1`; its metrics.json as a dict."""
+def run_chunk(
+    config: Path, name: str, num_edits: int, chunk: int, out: Path, extra: list[str], subcommand: str = "fit"
+) -> dict[str, Any]:
+    """One `wise-cl fit` (or `test`) run over requests `chunk * T .. chunk * T + T - 1`; its metrics.json as a dict."""
     folder = out / "tensorboard" / name / f"T{num_edits}-chunk{chunk}"
-    return run_fit(config, folder, [f"--data.num_edits={num_edits}", f"--data.start={chunk * num_edits}", *extra])
+    args = [*extra, f"--data.num_edits={num_edits}", f"--data.start={chunk * num_edits}"]  # the chunk wins
+    return run_fit(config, folder, args, subcommand)
 
 
 def summarise(name: str, num_edits: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,30 +93,39 @@ def summarise(name: str, num_edits: int, runs: list[dict[str, Any]]) -> dict[str
     return row
 
 
-def score_cells(row: dict[str, Any]) -> list[str]:
-    """The row's SCORES as table cells (`-` where missing)."""
-    return ["-" if row.get(k) is None else f"{row[k]:.3f}" for k in SCORES]
+def cell(value: Any) -> str:
+    """A score as a table cell: 3 decimals, `-` where missing."""
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    names = ("strategy", "T", "chunks", "commit", *COLUMNS)
-    header = "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|\n"
-    cells = [[r["strategy"], r["T"], r["chunks"], r.get("commit", "-"), *score_cells(r)] for r in rows]
-    return header + "".join("| " + " | ".join(map(str, c)) + " |\n" for c in cells)
+def markdown_table(rows: list[dict[str, Any]], lead: dict[str, str], columns: dict[str, str]) -> str:
+    """One line per row: the `lead` keys as they are, then the `columns` some row has a value for."""
+    shown = {key: head for key, head in columns.items() if any(row.get(key) is not None for row in rows)}
+    heads = [*lead.values(), *shown.values()]
+    lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(key)) for key in (*lead, *shown)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+UNEDITED = "unedited"  # the row name of the unedited model
+COMPARE_LEAD = {"strategy": "strategy", "T": "T", "chunks": "chunks", "commit": "commit"}
 
 
 def compare(
-    configs: list[Path], num_edits: list[int], chunks: list[int], out: Path, extra: list[str]
+    configs: list[Path], num_edits: list[int], chunks: list[int], out: Path, extra: list[str], unedited: bool = False
 ) -> list[dict[str, Any]]:
-    """Run every config at every T; write results.json, results.md and forgetting_curves.png to `out`."""
+    """Run every config at every T; write results.json, results.md and forgetting_curves.png to `out`.
+
+    With `unedited`, the first row group is the unedited model scored on the same chunks (`wise-cl test` with the
+    first config: its model and data, no edit)."""
     rows, runs, curves = [], [], {}
-    for config in configs:
-        name = strategy_name(config)
+    jobs = [(configs[0], UNEDITED, "test")] if unedited else []
+    for config, name, subcommand in jobs + [(config, strategy_name(config), "fit") for config in configs]:
         for t, count in zip(num_edits, chunks, strict=True):
-            results = [run_chunk(config, name, t, k, out, extra) for k in range(count)]
-            runs += [{"strategy": name, "T": t, "chunk": k, **r} for k, r in enumerate(results)]
+            results = [run_chunk(config, name, t, k, out, extra, subcommand) for k in range(count)]
+            runs += [{**r, "strategy": name, "T": t, "chunk": k} for k, r in enumerate(results)]
             rows.append(summarise(name, t, results))
-            print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+            print(json.dumps(rows[-1]), flush=True)
         curve = out / "tensorboard" / name / f"T{max(num_edits)}-chunk0" / "forgetting_curve.json"
         if curve.exists():
             curves[name] = json.loads(curve.read_text())
@@ -116,7 +133,7 @@ def compare(
     result = {"command": command, "commit": code_version(), "rows": rows, "runs": runs}
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     note = f"summarised at commit {result['commit']}; each row names the commits of its runs (first 7 digits)"
-    (out / "results.md").write_text(f"`{command}`\n\n{note}\n\n" + markdown_table(rows))
+    (out / "results.md").write_text(f"`{command}`\n\n{note}\n\n" + markdown_table(rows, COMPARE_LEAD, SCORES))
     if curves:
         plot_curves(curves, out / "forgetting_curves.png")
     return rows
@@ -128,12 +145,14 @@ def main() -> None:
     parser.add_argument("--num-edits", type=int, nargs="+", default=[1, 10, 100], help="the T values")
     parser.add_argument("--chunks", type=int, nargs="+", default=[10, 3, 1], help="chunks averaged per T")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
+    parser.add_argument("--unedited", action="store_true", help="also score the unedited model on the same chunks")
     args, extra = parser.parse_known_args()
     if len(args.chunks) != len(args.num_edits):
         parser.error("--chunks needs one count per --num-edits value")
     extra = [a for a in extra if a != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
-    print(markdown_table(compare(args.configs, args.num_edits, args.chunks, args.out, extra)))
+    rows = compare(args.configs, args.num_edits, args.chunks, args.out, extra, args.unedited)
+    print(markdown_table(rows, COMPARE_LEAD, SCORES))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wise_cl.benchmarks.compare import QUALITY, QUALITY_HEADS, run_fit
+from wise_cl.benchmarks.compare import COST, LOWER_IS_BETTER, QUALITY, markdown_table, run_fit
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.plotting import plot_curves
 from wise_cl.provenance import code_version
 
-ROUTING = ("forced_reliability", "routed_to_holder")  # from the routing report, with --routing
-COST = ("edit_seconds_median",)
+ROUTING = {"forced_reliability": "forced Rel", "routed_to_holder": "routed to holder"}  # with --routing
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def stream_row(
 ) -> dict[str, Any]:
     """One stream's final scores, the curve's scores after `curve_at` edits and its lowest reliability."""
     row: dict[str, Any] = {"stream": stream.name, "data": stream.data, "start": stream.start, "T": stream.num_edits}
-    row |= {key: metrics.get(key) for key in QUALITY + COST}
+    row |= {key: metrics.get(key) for key in QUALITY | COST}
     points = {point["edits"]: point for point in curve}
     for t in curve_at:
         if t in points:
@@ -105,34 +104,25 @@ def stream_row(
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and worst (lowest score, highest cost) of every numeric column over the streams."""
+    """Mean and worst (lowest score; highest cost or perplexity) of every numeric column over the streams."""
     keys = [k for k in rows[0] if k not in ("stream", "data", "start", "T", "commit")]
     summary: dict[str, dict[str, float]] = {"mean": {}, "worst": {}}
     for key in keys:
         values = [row[key] for row in rows if isinstance(row.get(key), int | float)]
         if values:
             summary["mean"][key] = statistics.fmean(values)
-            summary["worst"][key] = max(values) if key in COST else min(values)
+            summary["worst"][key] = max(values) if key in LOWER_IS_BETTER else min(values)
     return summary
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]], curve_at: list[int]) -> str:
-    columns = [*QUALITY, *COST, *(f"{m}@{t}" for t in curve_at for m in ("reliability", "locality"))]
-    heads = [*QUALITY_HEADS, "s/edit", *(f"{m}@{t}" for t in curve_at for m in ("Rel", "Loc"))]
+    columns = QUALITY | COST
+    at = (("reliability", "Rel"), ("locality", "Loc"))
+    columns |= {f"{metric}@{t}": f"{head}@{t}" for t in curve_at for metric, head in at}
     if curve_at:
-        columns.append("curve_min_reliability_from_20")
-        heads.append("min curve Rel (>=20)")
-    if any(row.get("forced_reliability") is not None for row in rows):
-        columns += ROUTING
-        heads += ["forced Rel", "routed to holder"]
-    lines = ["| stream | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-
-    def cells(values: dict[str, Any]) -> str:
-        return " | ".join("-" if values.get(c) is None else f"{values[c]:.3f}" for c in columns)
-
-    lines += [f"| {row['stream']} | {cells(row)} |" for row in rows]
-    lines += [f"| **{name}** | {cells(values)} |" for name, values in summary.items()]
-    return "\n".join(lines) + "\n"
+        columns["curve_min_reliability_from_20"] = "min curve Rel (>=20)"
+    lines = rows + [{"stream": f"**{name}**", **values} for name, values in summary.items()]
+    return markdown_table(lines, {"stream": "stream"}, columns | ROUTING)
 
 
 def robustness(

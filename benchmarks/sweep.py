@@ -8,7 +8,8 @@ Each variant sets `model.strategy.init_args.<key>=<value>` on top of the config 
 `wise-cl fit` run per chunk (see `compare.py`: finished runs are skipped, interrupted ones resume),
 under `tensorboard/v<n>/`; `variants.json` records which variant each `v<n>` is (a variant keeps its
 number across reruns, a new one takes the next).
-`--chunks 0 1` scores every variant on requests 0..T-1 and on the held-out T..2T-1.
+`--chunks 0 1` scores every variant on requests 0..T-1 and on the held-out T..2T-1. Arguments after `--`
+go to every run (`-- --data.path temporal_train`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from wise_cl.benchmarks.compare import SCORES, run_chunk, score_cells
+from wise_cl.benchmarks.compare import SCORES, markdown_table, run_chunk
 
 
 def key_values(items: list[str], option: str) -> list[tuple[str, str]]:
@@ -51,13 +52,10 @@ def run_names(out: Path, variants: list[str]) -> dict[str, str]:
 def write_results(out: Path, command: str, rows: list[dict]) -> str:
     """`sweep.json` and `sweep.md` (one row per variant and chunk); the table."""
     (out / "sweep.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    lines = ["| variant | run | chunk | Rel. | Gen. | Loc. | EM | s/edit |", "|---|---|---|---|---|---|---|---|"]
-    lines += [
-        f"| `{row['variant']}` | {row.get('run', '-')} | {row.get('chunk', 0)} | " + " | ".join(score_cells(row)) + " |"
-        for row in rows
-    ]
-    (out / "sweep.md").write_text(f"`{command}`\n\n" + "\n".join(lines) + "\n")
-    return "\n".join(lines)
+    rows = [row | {"variant": f"`{row['variant']}`"} for row in rows]
+    table = markdown_table(rows, {"variant": "variant", "run": "run", "chunk": "chunk"}, SCORES)
+    (out / "sweep.md").write_text(f"`{command}`\n\n{table}")
+    return table
 
 
 def main() -> None:
@@ -67,13 +65,15 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, help='e.g. "layer=... alpha=2"')
     parser.add_argument("--chunks", type=int, nargs="+", default=[0], help="chunk c = requests c*T..c*T+T-1")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
     names = run_names(args.out, args.variant)
     rows = []
     for variant in args.variant:
         for chunk in args.chunks:
-            result = run_chunk(args.config, names[variant], args.num_edits, chunk, args.out, variant_args(variant))
+            overrides = [*extra, *variant_args(variant)]
+            result = run_chunk(args.config, names[variant], args.num_edits, chunk, args.out, overrides)
             row = {"variant": variant, "run": names[variant], "chunk": chunk, "commit": result.get("commit")}
             rows.append(row | {k: result.get(k) for k in SCORES})
             print(json.dumps(rows[-1]), flush=True)

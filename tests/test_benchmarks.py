@@ -19,14 +19,19 @@ from wise_cl.strategies.wise import WISE
 
 def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(tmp_path):
     out = tmp_path / "compare"
-    rows = compare([Path("configs/zsre_wise.yaml")], [1, 3], [2, 1], out, TINY_WISE)
-    assert [(r["strategy"], r["T"], r["chunks"]) for r in rows] == [("wise", 1, 2), ("wise", 3, 1)]
+    rows = compare([Path("configs/zsre_wise.yaml")], [1, 3], [2, 1], out, TINY_WISE, unedited=True)
+    expected = [("unedited", 1, 2), ("unedited", 3, 1), ("wise", 1, 2), ("wise", 3, 1)]
+    assert [(r["strategy"], r["T"], r["chunks"]) for r in rows] == expected
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [r["num_edits"] for r in runs] == [1, 1, 3] and all(r["edits_done"] == r["num_edits"] for r in runs)
-    single = [r["reliability"] for r in runs[:2]]
-    assert abs(rows[0]["reliability"] - sum(single) / 2) < 1e-9
+    assert [r["num_edits"] for r in runs] == [1, 1, 3] * 2
+    assert all(r["edits_done"] == (0 if r["strategy"] == "unedited" else r["num_edits"]) for r in runs)
+    # the unedited model keeps its own predictions; the edits change the edited prompts' answers
+    assert rows[1]["locality"] == 1.0 and rows[3]["reliability"] > rows[1]["reliability"]
+    single = [r["reliability"] for r in runs[3:5]]
+    assert abs(rows[2]["reliability"] - sum(single) / 2) < 1e-9
     table = (out / "results.md").read_text()
-    assert table.count("| wise |") == 2 and "| EM | AM | reph. AM | gen. Loc. | s/edit |" in table
+    # the columns of the scores these runs have (no free generation here, no out-of-distribution rephrasings)
+    assert table.count("| wise |") == 2 and "| commit | Rel. | Gen. | Loc. | PPL | s/edit |" in table
     assert rows[0]["commit"] == runs[0]["commit"][:7]  # the code version each row came from
     assert (out / "forgetting_curves.png").stat().st_size > 0
     assert (out / "tensorboard" / "wise" / "T3-chunk0").glob("events.out.tfevents.*")
@@ -100,7 +105,9 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     assert (tmp_path / "runs" / "counterfact_5_T3" / "routing.json").is_file()
     lines = (tmp_path / "results.md").read_text().splitlines()
     header = next(line for line in lines if line.startswith("| stream |"))
-    assert "| EM | AM | reph. AM | gen. Loc. | s/edit |" in header
+    # the scores these runs have (no free generation here) and no column that every row lacks (the curve's
+    # lowest reliability from edit 20 on, in 3-edit streams)
+    assert header == "| stream | Rel. | Gen. | Loc. | PPL | s/edit | Rel@3 | Loc@3 | forced Rel | routed to holder |"
     assert all(line.count("|") == header.count("|") for line in lines if line.startswith("| zsre_train_0_T3 |"))
     assert len(result["single_edits"]["rows"]) == 2 and result["commit"]
     assert all(r["commit"] not in ("", "unknown") for r in rows)

@@ -211,3 +211,21 @@ def test_memory_callbacks_run_before_the_forgetting_curve(tmp_path):
     last = json.loads((Path(cli.trainer.log_dir) / "forgetting_curve.json").read_text())[-1]
     assert last["edits"] == 2
     assert {k: last[k] for k in ("reliability", "locality")} == {k: metrics[k] for k in ("reliability", "locality")}
+
+
+def test_temporal_overlay_scores_out_of_distribution_generalization_along_the_stream(tmp_path):
+    # any strategy's config plus the set's overlay; short requests of the temporal layout (the bundled texts are
+    # longer than the tiny model's context)
+    record = {"prompt": "Zorb is", "target_new": "a new fruit", "ood_rephrase": "Zorb, sold since 2024,"}
+    record |= {"locality_prompt": "The sky is", "locality_ground_truth": "blue"}
+    data = tmp_path / "temporal.json"
+    data.write_text(json.dumps([record, record | {"prompt": "Quix is"}]))
+    args = ["--config", "configs/zsre_wise.yaml", "--config", "configs/temporal.yaml", *TINY_WISE]
+    cli = run(
+        ["fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--data.path={data}", "--data.num_edits=2"]
+    )
+    folder = Path(cli.trainer.log_dir)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["config"]["model"]["exact_match"] is False and "generalization" not in metrics
+    last = json.loads((folder / "forgetting_curve.json").read_text())[-1]
+    assert last["ood_generalization"] == pytest.approx(metrics["ood_generalization"])

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from wise_cl.evaluation import (
     locality_reference,
     predict_answers,
 )
-from wise_cl.metrics import AnswerMatch, ExactMatch, Forgetting, TokenAccuracy, normalize_answer
+from wise_cl.metrics import AnswerMatch, ExactMatch, Forgetting, TargetPerplexity, TokenAccuracy, normalize_answer
 
 
 def scores(model, tokenizer, requests, batch_size, padding_side):
@@ -42,6 +44,15 @@ def test_token_accuracy_averages_per_request_first():
     # request 0: 1 of 1 right, request 1: 1 of 3 right -> (1 + 1/3) / 2
     metric.update(torch.tensor([5, 1, 2, 3]), torch.tensor([5, 1, 9, 9]), torch.tensor([0, 1, 1, 1]))
     assert metric.compute().item() == pytest.approx(2 / 3)
+
+
+def test_perplexity_is_the_geometric_mean_over_requests():
+    metric = TargetPerplexity()
+    # request 0: token NLLs 1 and 3 (mean 2), request 1: one token of NLL 20 (an unrouted edit)
+    metric.update(torch.tensor([1.0, 3.0, 20.0]), torch.tensor([0, 0, 1]))
+    assert metric.compute().item() == pytest.approx(math.exp((2 + 20) / 2))
+    # the arithmetic mean of the per-request perplexities would be about 2.4e8
+    assert metric.compute().item() < 1e5
 
 
 def test_predictions_are_teacher_forced_at_answer_positions(tiny):

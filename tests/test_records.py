@@ -28,6 +28,12 @@ def test_temporal_layout_has_ood_rephrase():
     assert len(requests) == 75
     assert all(r.ood_rephrase for r in requests)
     assert requests[0].prompt == "Tesla, Inc.,"
+    # the dev parts: other requests of the same layouts
+    dev = read_requests("temporal_train", limit=25)
+    assert all(r.ood_rephrase for r in dev) and dev[0].prompt != requests[0].prompt
+    assert len(read_requests("hallucination_train", limit=100)) == 100
+    with pytest.raises(EditDataError, match=r"temporal-train.json, record 25, field 'locality_ground_truth': empty"):
+        read_requests("temporal_train")
 
 
 def test_hallucination_layout_has_no_rephrase():

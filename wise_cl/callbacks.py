@@ -103,9 +103,11 @@ class EditCheckpoint(Checkpoint):
 def request_scores(
     pl_module: L.LightningModule, requests: list, reference: list[torch.Tensor], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """Per request: reliability, generalization (first rephrase, if any) and locality."""
+    """Per request: reliability, generalization (first rephrase, if any), out-of-distribution generalization
+    (if the requests have one) and locality."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
-    scores: dict[str, list[torch.Tensor]] = {"reliability": [], "generalization": [], "locality": []}
+    scores: dict[str, list[torch.Tensor]] = {"reliability": [], "generalization": [], "ood_generalization": []}
+    scores["locality"] = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
         pairs = {
@@ -114,6 +116,8 @@ def request_scores(
         }
         if all(r.rephrases for r in chunk):
             pairs["generalization"] = ([r.rephrases[0] for r in chunk], [r.target for r in chunk])
+        if all(r.ood_rephrase for r in chunk):
+            pairs["ood_generalization"] = ([r.ood_rephrase for r in chunk], [r.target for r in chunk])
         for name, (prompts, answers) in pairs.items():
             out = predict_answers(model, tokenizer, prompts, answers)
             target = torch.cat(reference[start : start + len(chunk)]) if name == "locality" else out.labels

@@ -98,7 +98,8 @@ class EditStreamDataModule(L.LightningDataModule):
     """`num_edits` consecutive requests of a data file from `start` on, in file order.
 
     Args:
-        path: a bundled data set (`zsre`, `hallucination`, `temporal`, `counterfact`) or a JSON file.
+        path: a bundled data set (`zsre`, `zsre_train`, `hallucination`, `temporal`, `counterfact`; the dev parts
+            `hallucination_train` and `temporal_train`) or a JSON file.
         num_edits: how many requests the stream holds (T).
         start: index of the stream's first request in the file (for consecutive chunks).
         edits_per_experience: requests per training batch; each batch is one experience.

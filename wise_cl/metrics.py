@@ -79,22 +79,24 @@ class AnswerMatch(ExactMatch):
 
 
 class TargetPerplexity(Metric):
-    """Perplexity of the target given the prompt, per request, averaged over requests (lower is better)."""
+    """Perplexity of the target given the prompt (lower is better): the exponential of the mean over requests of
+    each request's mean token NLL, i.e. the geometric mean of the per-request perplexities, so that one
+    unrouted request cannot push it into the millions as an arithmetic mean would."""
 
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("ppl_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("requests", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, token_nll: Tensor, rows: Tensor) -> None:
         num_rows = int(rows.max()) + 1 if rows.numel() else 0
-        self.ppl_sum += per_request_mean(token_nll, rows, num_rows).exp().sum()
+        self.nll_sum += per_request_mean(token_nll, rows, num_rows).sum()
         self.requests += num_rows
 
     def compute(self) -> Tensor:
-        return self.ppl_sum / self.requests
+        return (self.nll_sum / self.requests).exp()
 
 
 class Forgetting(Metric):

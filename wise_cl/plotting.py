@@ -14,7 +14,7 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
 
     metrics = [
         m
-        for m in ("reliability", "generalization", "locality", "forgetting")
+        for m in ("reliability", "generalization", "ood_generalization", "locality", "forgetting")
         if any(m in h[0] for h in histories.values())
     ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)

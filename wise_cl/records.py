@@ -90,7 +90,9 @@ BUNDLED_FILES = {
     "zsre": "zsre/zsre_mend_edit.json",
     "zsre_train": "zsre/zsre_train_sample.json",
     "hallucination": "hallucination/hallucination-edit.json",
+    "hallucination_train": "hallucination/hallucination-train.json",
     "temporal": "temporal/temporal-edit.json",
+    "temporal_train": "temporal/temporal-train.json",
     "counterfact": "counterfact/counterfact-edit.json",
 }
 IRRELEVANT_KEYS = {"zsre": "ZsRE", "hallucination": "hallucination", "temporal": "temporal"}
