@@ -44,6 +44,10 @@ def test_token_accuracy_averages_per_request_first():
     # request 0: 1 of 1 right, request 1: 1 of 3 right -> (1 + 1/3) / 2
     metric.update(torch.tensor([5, 1, 2, 3]), torch.tensor([5, 1, 9, 9]), torch.tensor([0, 1, 1, 1]))
     assert metric.compute().item() == pytest.approx(2 / 3)
+    # a request without scored positions (an empty locality answer) has no score rather than 0
+    metric.reset()
+    metric.update(torch.tensor([5, 1, 2]), torch.tensor([5, 1, 9]), torch.tensor([0, 2, 2]))
+    assert metric.compute().item() == pytest.approx((1 + 1 / 2) / 2)
 
 
 def test_perplexity_is_the_geometric_mean_over_requests():

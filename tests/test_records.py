@@ -29,17 +29,19 @@ def test_temporal_layout_has_ood_rephrase():
     assert all(r.ood_rephrase for r in requests)
     assert requests[0].prompt == "Tesla, Inc.,"
     # the dev parts: other requests of the same layouts
-    dev = read_requests("temporal_train", limit=25)
-    assert all(r.ood_rephrase for r in dev) and dev[0].prompt != requests[0].prompt
-    assert len(read_requests("hallucination_train", limit=100)) == 100
-    with pytest.raises(EditDataError, match=r"temporal-train.json, record 25, field 'locality_ground_truth': empty"):
-        read_requests("temporal_train")
+    dev = read_requests("temporal_train")
+    assert len(dev) == 75 and all(r.ood_rephrase for r in dev) and dev[0].prompt != requests[0].prompt
+    assert dev[25].locality_answer == ""  # empty in the file: that request has no locality score
+    assert len(read_requests("hallucination_train")) == 306
 
 
 def test_hallucination_layout_has_no_rephrase():
     requests = read_requests("hallucination", limit=5)
     assert all(r.rephrases == () and r.ood_rephrase is None for r in requests)
     assert requests[0].subject == "carole gist"
+    # 7 of its 600 records have an empty locality answer: they have no locality score, the stream still runs
+    stream = read_requests("hallucination", limit=100)
+    assert stream[86].locality_answer == "" and sum(not r.locality_answer for r in stream) == 2
 
 
 def test_any_json_file_in_a_known_layout(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint
 
 from wise_cl.evaluation import predict_answers
-from wise_cl.metrics import Forgetting, per_request_mean
+from wise_cl.metrics import Forgetting, per_request_mean, scored_requests
 from wise_cl.plotting import plot_curves
 from wise_cl.provenance import file_sha256
 from wise_cl.validation import require
@@ -104,7 +104,7 @@ def request_scores(
     pl_module: L.LightningModule, requests: list, reference: list[torch.Tensor], batch_size: int
 ) -> dict[str, torch.Tensor]:
     """Per request: reliability, generalization (first rephrase, if any), out-of-distribution generalization
-    (if the requests have one) and locality."""
+    (if the requests have one) and locality (NaN for a request with an empty locality answer)."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
     scores: dict[str, list[torch.Tensor]] = {"reliability": [], "generalization": [], "ood_generalization": []}
     scores["locality"] = []
@@ -121,9 +121,9 @@ def request_scores(
         for name, (prompts, answers) in pairs.items():
             out = predict_answers(model, tokenizer, prompts, answers)
             target = torch.cat(reference[start : start + len(chunk)]) if name == "locality" else out.labels
-            scores[name].append(
-                per_request_mean((out.preds == target.to(out.preds.device)).double(), out.rows, len(chunk))
-            )
+            values = per_request_mean((out.preds == target.to(out.preds.device)).double(), out.rows, len(chunk))
+            values[~scored_requests(out.rows, len(chunk))] = float("nan")  # no answer tokens: no score
+            scores[name].append(values)
     return {name: torch.cat(values) for name, values in scores.items() if values}
 
 
@@ -152,7 +152,7 @@ class ForgettingCurve(Callback):
         requests = pl_module.stream[:done]
         scores = request_scores(pl_module, requests, pl_module.reference, trainer.datamodule.eval_batch_size)
         self.forgetting.update(torch.arange(done), scores["reliability"])
-        point = {name: float(values.mean()) for name, values in scores.items()}
+        point = {name: float(values.nanmean()) for name, values in scores.items()}
         point["forgetting"] = float(self.forgetting.compute())
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in point.items()}, step=done)

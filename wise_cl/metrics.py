@@ -17,11 +17,17 @@ def per_request_mean(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     return sums / counts
 
 
+def scored_requests(rows: Tensor, num_rows: int) -> Tensor:
+    """Which of `num_rows` requests have at least one value in `rows` (a request with an empty locality answer
+    has none: it has no score, rather than a score of 0)."""
+    return torch.bincount(rows, minlength=num_rows) > 0
+
+
 class TokenAccuracy(Metric):
     """Share of scored positions where `preds` equals `target`, averaged per request, then over requests.
 
     Reliability and generalization compare predictions with the target tokens; locality compares
-    them with the unedited model's predictions.
+    them with the unedited model's predictions. Requests without scored positions are left out.
     """
 
     full_state_update = False
@@ -34,8 +40,9 @@ class TokenAccuracy(Metric):
     def update(self, preds: Tensor, target: Tensor, rows: Tensor) -> None:
         num_rows = int(rows.max()) + 1 if rows.numel() else 0
         scores = per_request_mean((preds == target).double(), rows, num_rows)
-        self.score_sum += scores.sum()
-        self.requests += num_rows
+        scored = scored_requests(rows, num_rows)
+        self.score_sum += scores[scored].sum()
+        self.requests += scored.sum()
 
     def compute(self) -> Tensor:
         return self.score_sum / self.requests

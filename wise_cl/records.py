@@ -25,7 +25,10 @@ class EditDataError(ValueError):
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One edit: make `prompt` answer `target`, generalise to the rephrases, leave locality alone."""
+    """One edit: make `prompt` answer `target`, generalise to the rephrases, leave locality alone.
+
+    `locality_answer` may be empty (7 of the bundled hallucination records): that request has no locality score.
+    """
 
     prompt: str
     target: str
@@ -144,8 +147,10 @@ def _load_json_lines(path: Path, text: str) -> list[Any]:
     return values
 
 
-def _text(path: Path, index: int, record: dict[str, Any], key: str, required: bool = True) -> str | None:
-    """The non-blank text in `record[key]` (None if absent and not required)."""
+def _text(
+    path: Path, index: int, record: dict[str, Any], key: str, required: bool = True, blank: bool = False
+) -> str | None:
+    """The non-blank text in `record[key]` (None if absent and not required; with `blank`, "" if blank)."""
     value = record.get(key)
     if value is None:
         if required:
@@ -154,6 +159,8 @@ def _text(path: Path, index: int, record: dict[str, Any], key: str, required: bo
     if not isinstance(value, str):
         raise EditDataError(path, f"expected text, got {type(value).__name__}", index, key)
     if not value.strip():
+        if blank:
+            return ""
         raise EditDataError(path, "empty text", index, key)
     return value
 
@@ -188,7 +195,7 @@ def _to_request(path: Path, index: int, record: Any, layout: Layout) -> EditRequ
         prompt=get(layout.prompt),
         target=get(layout.target),
         locality_prompt=get(layout.locality_prompt),
-        locality_answer=get(layout.locality_answer),
+        locality_answer=get(layout.locality_answer, blank=True),
         rephrases=_texts(path, index, record, layout.rephrase) if layout.rephrase else (),
         subject=get("subject", False),
         ood_rephrase=get(layout.ood_rephrase) if layout.ood_rephrase else None,
