@@ -69,7 +69,8 @@ class FineTune(LinearEditStrategy):
     KL(unedited || edited) of the next-token distributions at the answer positions of the
     irrelevant texts (each is split into a prompt half and an answer half; the unedited
     log-probs come from tau = 0, once per experience). One task vector accumulates all edits;
-    each experience continues training it. There is no norm constraint on the change.
+    each experience continues training it. With `norm_constraint` every entry of the change is clamped
+    after each step (the L-infinity bound of FT-L as ROME and EasyEdit define it); 0 leaves it free.
 
     Args:
         layer: module path of the Linear that is fine-tuned.
@@ -78,6 +79,7 @@ class FineTune(LinearEditStrategy):
         early_stop_loss: stop an experience's loop once the loss is below this.
         kl_weight: weight of the KL term on irrelevant text (0: plain fine-tuning).
         irrelevant_source: bundled data set name or JSON list of the irrelevant texts (edit i uses text i).
+        norm_constraint: bound on every entry of the weight change, |W' - W| <= bound (0: no bound).
     """
 
     name = "ft"
@@ -90,12 +92,14 @@ class FineTune(LinearEditStrategy):
         early_stop_loss: float = 0.01,
         kl_weight: float = 1.0,
         irrelevant_source: str = "zsre",
+        norm_constraint: float = 0.0,
     ) -> None:
         require(lr > 0, "lr", "positive", lr)
         require(n_iter >= 1, "n_iter", "at least 1", n_iter)
         require(kl_weight >= 0, "kl_weight", "non-negative", kl_weight)
+        require(norm_constraint >= 0, "norm_constraint", "non-negative", norm_constraint)
         self.layer, self.lr, self.n_iter, self.early_stop_loss = layer, lr, n_iter, early_stop_loss
-        self.kl_weight, self.irrelevant_source = kl_weight, irrelevant_source
+        self.kl_weight, self.irrelevant_source, self.norm_constraint = kl_weight, irrelevant_source, norm_constraint
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         super().prepare(model, tokenizer)
@@ -131,7 +135,9 @@ class FineTune(LinearEditStrategy):
                 losses[name], total = penalty, total + penalty
             return {"loss": total, **losses}
 
-        stats = optimise(forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss)
+        stats = optimise(
+            forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss, bound=self.norm_constraint
+        )
         self.after_training(forward, rows, n_edit)
         self.publish()
         return stats

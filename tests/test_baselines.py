@@ -145,6 +145,20 @@ def test_mend_network_file_round_trip_and_refusals(tiny, tmp_path):
         tiny_strategy("mend", editor=str(tmp_path / "missing.safetensors")).prepare(*load_model("tiny"))
 
 
+@pytest.mark.parametrize("name", ["ft", "ewc", "defer"])
+def test_norm_constraint_bounds_every_entry_of_the_change(name, tiny, zsre10):
+    model, tokenizer = tiny
+    bound = 2.0**-10  # exact in float32
+    free, bounded = tiny_strategy(name), tiny_strategy(name, norm_constraint=bound)
+    free.prepare(model, tokenizer)
+    edit_requests(free, zsre10[:2])
+    largest = float(free.tau.detach().abs().max())
+    free.detach()
+    bounded.prepare(model, tokenizer)
+    edit_requests(bounded, zsre10[:2])
+    assert largest > bound and float(bounded.tau.detach().abs().max()) == bound
+
+
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance():
     theta, fisher = torch.randn(4, 3), torch.rand(4, 3)
     penalty = EWCPenalty(ewc_lambda=2.0, decay=0.5)
@@ -333,6 +347,7 @@ def test_every_bad_rome_and_memit_option_is_refused_with_its_name(cls, option, v
 def test_bad_settings_name_the_field():
     for make, field in (
         (lambda: FineTune(lr=0.0), "strategy.lr"),
+        (lambda: FineTune(norm_constraint=-1.0), "strategy.norm_constraint"),
         (lambda: EWC(decay=1.5), "strategy.decay"),
         (lambda: GRACE(epsilon=-1.0), "strategy.epsilon"),
         (lambda: DEFER(classifier_steps=0), "strategy.classifier_steps"),
