@@ -229,3 +229,17 @@ def test_temporal_overlay_scores_out_of_distribution_generalization_along_the_st
     assert metrics["config"]["model"]["exact_match"] is False and "generalization" not in metrics
     last = json.loads((folder / "forgetting_curve.json").read_text())[-1]
     assert last["ood_generalization"] == pytest.approx(metrics["ood_generalization"])
+
+
+OVERLAYS = ("configs/temporal.yaml", "configs/hallucination.yaml")  # a data set for any strategy's config
+
+
+@pytest.mark.parametrize("config", sorted(str(path) for path in Path("configs").glob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    configs = ["--config", "configs/zsre_grace.yaml"] * (config in OVERLAYS) + ["--config", config]
+    with pytest.raises(SystemExit) as done:
+        main(["fit", *configs, "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    data = Path(config).stem.split("_")[0]
+    assert f"path: {data}" in printed and "class_path: wise_cl.strategies." in printed
