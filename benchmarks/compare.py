@@ -42,6 +42,8 @@ QUALITY = {
 COST = {"edit_seconds_median": "s/edit"}
 SCORES = QUALITY | COST
 LOWER_IS_BETTER = {"perplexity", *COST}
+COMPARE_LEAD = {"strategy": "strategy", "T": "T", "chunks": "chunks", "commit": "commit"}
+UNEDITED = "unedited"  # the row name of the unedited model
 
 
 def strategy_name(config: Path) -> str:
@@ -105,10 +107,6 @@ def markdown_table(rows: list[dict[str, Any]], lead: dict[str, str], columns: di
     lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
     lines += ["| " + " | ".join(cell(row.get(key)) for key in (*lead, *shown)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-UNEDITED = "unedited"  # the row name of the unedited model
-COMPARE_LEAD = {"strategy": "strategy", "T": "T", "chunks": "chunks", "commit": "commit"}
 
 
 def compare(
