@@ -24,7 +24,7 @@ from torch import Tensor
 from wise_cl import WISE, read_requests
 from wise_cl.editing_forward import CachedForward
 from wise_cl.evaluation import predict_answers
-from wise_cl.metrics import per_request_mean
+from wise_cl.metrics import per_request_score
 from wise_cl.rows import teacher_forced_batch
 from wise_cl.serving import wise_run
 from wise_cl.side_memory import MAIN, route
@@ -55,10 +55,10 @@ def memory_scores(strategy: WISE, prompts: list[str], answers: list[str], batch:
 
 
 def accuracy(strategy: WISE, prompts: list[str], answers: list[str], reference: list[Tensor] | None = None) -> Tensor:
-    """Per request, the share of answer tokens predicted right (or as the unedited model did)."""
+    """Per request, the share of answer tokens predicted right (or as the unedited model did); NaN without any."""
     out = predict_answers(strategy.model, strategy.tokenizer, prompts, answers)
     target = torch.cat(reference).to(out.preds.device) if reference is not None else out.labels
-    return per_request_mean((out.preds == target).double(), out.rows, len(prompts)).cpu()
+    return per_request_score((out.preds == target).double(), out.rows, len(prompts)).cpu()
 
 
 def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
@@ -137,7 +137,7 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
         thresholds = torch.tensor(strategy.adapter.thresholds)
         row: dict[str, Any] = {"act_ratio": ratio, "thresholds": [round(t, 2) for t in thresholds.tolist()]}
         for name, pairs in sets.items():
-            row[name] = float(accuracy(strategy, *pairs, reference if name == "locality" else None).mean())
+            row[name] = float(accuracy(strategy, *pairs, reference if name == "locality" else None).nanmean())
             index = route(scores[name], thresholds)
             routed = index != MAIN
             row[f"{name}_routed"] = float(routed.float().mean())

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint
 
 from wise_cl.evaluation import predict_answers
-from wise_cl.metrics import Forgetting, per_request_mean, scored_requests
+from wise_cl.metrics import Forgetting, per_request_score
 from wise_cl.plotting import plot_curves
 from wise_cl.provenance import file_sha256
 from wise_cl.validation import require
@@ -106,8 +106,8 @@ def request_scores(
     """Per request: reliability, generalization (first rephrase, if any), out-of-distribution generalization
     (if the requests have one) and locality (NaN for a request with an empty locality answer)."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
-    scores: dict[str, list[torch.Tensor]] = {"reliability": [], "generalization": [], "ood_generalization": []}
-    scores["locality"] = []
+    names = ("reliability", "generalization", "ood_generalization", "locality")
+    scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
         pairs = {
@@ -121,9 +121,8 @@ def request_scores(
         for name, (prompts, answers) in pairs.items():
             out = predict_answers(model, tokenizer, prompts, answers)
             target = torch.cat(reference[start : start + len(chunk)]) if name == "locality" else out.labels
-            values = per_request_mean((out.preds == target.to(out.preds.device)).double(), out.rows, len(chunk))
-            values[~scored_requests(out.rows, len(chunk))] = float("nan")  # no answer tokens: no score
-            scores[name].append(values)
+            correct = (out.preds == target.to(out.preds.device)).double()
+            scores[name].append(per_request_score(correct, out.rows, len(chunk)))
     return {name: torch.cat(values) for name, values in scores.items() if values}
 
 

@@ -17,10 +17,11 @@ def per_request_mean(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     return sums / counts
 
 
-def scored_requests(rows: Tensor, num_rows: int) -> Tensor:
-    """Which of `num_rows` requests have at least one value in `rows` (a request with an empty locality answer
-    has none: it has no score, rather than a score of 0)."""
-    return torch.bincount(rows, minlength=num_rows) > 0
+def per_request_score(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Per request, the mean of its `values`; NaN for a request with none (a request with an empty locality
+    answer has no score, rather than a score of 0)."""
+    counts = torch.bincount(rows, minlength=num_rows)
+    return per_request_mean(values, rows, num_rows).masked_fill(counts == 0, float("nan"))
 
 
 class TokenAccuracy(Metric):
@@ -39,8 +40,8 @@ class TokenAccuracy(Metric):
 
     def update(self, preds: Tensor, target: Tensor, rows: Tensor) -> None:
         num_rows = int(rows.max()) + 1 if rows.numel() else 0
-        scores = per_request_mean((preds == target).double(), rows, num_rows)
-        scored = scored_requests(rows, num_rows)
+        scores = per_request_score((preds == target).double(), rows, num_rows)
+        scored = ~scores.isnan()
         self.score_sum += scores[scored].sum()
         self.requests += scored.sum()
 
