@@ -17,10 +17,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.data import EditBatch
 from wise_cl.editing_forward import CachedForward
-from wise_cl.optimisation import edit_nll, optimise
+from wise_cl.optimisation import OPTIMIZERS, edit_nll, optimise, prompt_last_nll
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.strategies.base import LinearEditStrategy
-from wise_cl.validation import require
+from wise_cl.validation import require, require_choice
+
+OBJECTIVES = {"target": edit_nll, "prompt_last": prompt_last_nll}
 
 
 def split_in_halves(text: str) -> tuple[str, str]:
@@ -71,6 +73,8 @@ class FineTune(LinearEditStrategy):
     log-probs come from tau = 0, once per experience). One task vector accumulates all edits;
     each experience continues training it. With `norm_constraint` every entry of the change is clamped
     after each step (the L-infinity bound of FT-L as ROME and EasyEdit define it); 0 leaves it free.
+    `objective="prompt_last"` with `optimizer="adam"` and no KL is FT-L as the WISE paper ran it (EasyEdit):
+    every target token scored at the prompt's last token.
 
     Args:
         layer: module path of the Linear that is fine-tuned.
@@ -80,6 +84,9 @@ class FineTune(LinearEditStrategy):
         kl_weight: weight of the KL term on irrelevant text (0: plain fine-tuning).
         irrelevant_source: bundled data set name or JSON list of the irrelevant texts (edit i uses text i).
         norm_constraint: bound on every entry of the weight change, |W' - W| <= bound (0: no bound).
+        objective: `target` (each target token's NLL where it is predicted) or `prompt_last` (all of them
+            at the prompt's last token).
+        optimizer: `sgd` or `adam`.
     """
 
     name = "ft"
@@ -93,11 +100,16 @@ class FineTune(LinearEditStrategy):
         kl_weight: float = 1.0,
         irrelevant_source: str = "zsre",
         norm_constraint: float = 0.0,
+        objective: str = "target",
+        optimizer: str = "sgd",
     ) -> None:
         require(lr > 0, "lr", "positive", lr)
         require(n_iter >= 1, "n_iter", "at least 1", n_iter)
         require(kl_weight >= 0, "kl_weight", "non-negative", kl_weight)
         require(norm_constraint >= 0, "norm_constraint", "non-negative", norm_constraint)
+        require_choice(objective, "objective", OBJECTIVES)
+        require_choice(optimizer, "optimizer", OPTIMIZERS)
+        self.objective, self.optimizer = objective, optimizer
         self.layer, self.lr, self.n_iter, self.early_stop_loss = layer, lr, n_iter, early_stop_loss
         self.kl_weight, self.irrelevant_source, self.norm_constraint = kl_weight, irrelevant_source, norm_constraint
 
@@ -125,7 +137,7 @@ class FineTune(LinearEditStrategy):
                 reference = forward(torch.zeros_like(self.tau))[0][unrelated].float().log_softmax(-1)
 
         def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
-            losses = {"edit_loss": edit_nll(logits, rows, n_edit).mean()}
+            losses = {"edit_loss": self.nll(logits, rows, n_edit).mean()}
             total = losses["edit_loss"]
             if reference is not None:
                 current = logits[unrelated].float().log_softmax(-1)
@@ -136,11 +148,22 @@ class FineTune(LinearEditStrategy):
             return {"loss": total, **losses}
 
         stats = optimise(
-            forward, self.tau, loss_fn, self.lr, self.n_iter, self.early_stop_loss, bound=self.norm_constraint
+            forward,
+            self.tau,
+            loss_fn,
+            self.lr,
+            self.n_iter,
+            self.early_stop_loss,
+            bound=self.norm_constraint,
+            optimizer=self.optimizer,
         )
         self.after_training(forward, rows, n_edit)
         self.publish()
         return stats
+
+    def nll(self, logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
+        """Per edit row, the editing objective's NLL."""
+        return OBJECTIVES[self.objective](logits, rows, n_edit)
 
     def penalties(self) -> dict[str, Tensor]:
         """Further loss terms on `tau` (named for the logs); none for plain fine-tuning."""
@@ -199,7 +222,7 @@ class EWC(FineTune):
 
     def fisher(self, forward: CachedForward, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
         """Diagonal empirical Fisher of the edit NLL at the current weights: mean squared per-edit gradient."""
-        losses = edit_nll(forward(self.tau)[0], rows, n_edit)
+        losses = self.nll(forward(self.tau)[0], rows, n_edit)
         fisher = torch.zeros_like(self.tau)
         for i, loss in enumerate(losses):
             (grad,) = torch.autograd.grad(loss, self.tau, retain_graph=i + 1 < len(losses))

@@ -17,7 +17,8 @@ from wise_cl.cli import main
 from wise_cl.data import EditBatch
 from wise_cl.evaluation import predict_answers
 from wise_cl.models import load_model
-from wise_cl.optimisation import edit_nll
+from wise_cl.optimisation import edit_nll, prompt_last_nll
+from wise_cl.rows import teacher_forced_batch
 from wise_cl.side_memory import MAIN
 from wise_cl.strategies.defer import DEFER
 from wise_cl.strategies.finetune import EWC, EWCPenalty, FineTune
@@ -157,6 +158,36 @@ def test_norm_constraint_bounds_every_entry_of_the_change(name, tiny, zsre10):
     bounded.prepare(model, tokenizer)
     edit_requests(bounded, zsre10[:2])
     assert largest > bound and float(bounded.tau.detach().abs().max()) == bound
+
+
+def test_prompt_last_scores_every_target_token_at_the_prompts_last_token(tiny):
+    _, tokenizer = tiny
+    rows = teacher_forced_batch(tokenizer, ["ab", "cd", "ef"], ["xyz", "uv", "w"])
+    logits = torch.randn(len(rows.labels), len(tokenizer))
+    expected = []
+    for row in range(2):  # the first two rows are edits
+        at = (rows.rows == row).nonzero().flatten()
+        first = logits[at[0]].log_softmax(-1)
+        expected.append(-first[rows.labels[at]].mean())
+    torch.testing.assert_close(prompt_last_nll(logits, rows, 2), torch.stack(expected).double())
+    assert not torch.allclose(prompt_last_nll(logits, rows, 2), edit_nll(logits, rows, 2))
+
+
+def test_ft_as_the_paper_ran_it_raises_the_target_at_the_prompts_end(tiny, zsre10):
+    model, tokenizer = tiny
+    request = zsre10[0]
+    rows = teacher_forced_batch(tokenizer, [request.prompt], [request.target])
+
+    def loss() -> float:
+        with torch.no_grad():
+            logits = model(rows.input_ids, attention_mask=rows.attention_mask).logits[rows.scored]
+        return prompt_last_nll(logits, rows, 1).item()
+
+    before = loss()
+    strategy = tiny_strategy("ft", objective="prompt_last", optimizer="adam", lr=1e-2, kl_weight=0.0)
+    strategy.prepare(model, tokenizer)
+    (stats,) = edit_requests(strategy, [request])
+    assert loss() < before - 1.0 and stats["edit_loss"] < before - 1.0
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_with_distance():
@@ -348,6 +379,8 @@ def test_bad_settings_name_the_field():
     for make, field in (
         (lambda: FineTune(lr=0.0), "strategy.lr"),
         (lambda: FineTune(norm_constraint=-1.0), "strategy.norm_constraint"),
+        (lambda: FineTune(objective="answer"), "strategy.objective"),
+        (lambda: FineTune(optimizer="rmsprop"), "strategy.optimizer"),
         (lambda: EWC(decay=1.5), "strategy.decay"),
         (lambda: GRACE(epsilon=-1.0), "strategy.epsilon"),
         (lambda: DEFER(classifier_steps=0), "strategy.classifier_steps"),

@@ -11,6 +11,8 @@ from torch import Tensor
 from wise_cl.metrics import per_request_mean
 from wise_cl.rows import TeacherForcedBatch
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
 
 def optimise(
     forward: Callable[[Tensor], tuple[Tensor, Tensor]],
@@ -22,23 +24,24 @@ def optimise(
     grad_mask: Tensor | None = None,
     stop_on: str = "loss",
     bound: float = 0.0,
+    optimizer: str = "sgd",
 ) -> dict[str, float]:
-    """Plain SGD on `param` for at most `n_iter` steps on `loss_fn(*forward(param))["loss"]`, stopping
-    once the term named `stop_on` is below `early_stop_loss`; the gradient is multiplied by
-    `grad_mask` so nothing outside it moves, and with a `bound` every entry is clamped to
-    [-bound, bound] after each step."""
-    optimizer = torch.optim.SGD([param], lr=lr)
+    """Plain SGD (or Adam, `optimizer="adam"`) on `param` for at most `n_iter` steps on
+    `loss_fn(*forward(param))["loss"]`, stopping once the term named `stop_on` is below `early_stop_loss`;
+    the gradient is multiplied by `grad_mask` so nothing outside it moves, and with a `bound` every entry is
+    clamped to [-bound, bound] after each step."""
+    opt = OPTIMIZERS[optimizer]([param], lr=lr)
     steps = 0
     while steps < n_iter:
         steps += 1
         losses = loss_fn(*forward(param))
         if losses[stop_on].item() < early_stop_loss:
             break
-        optimizer.zero_grad()
+        opt.zero_grad()
         losses["loss"].backward()
         if grad_mask is not None:
             param.grad.mul_(grad_mask)
-        optimizer.step()
+        opt.step()
         if bound:
             with torch.no_grad():
                 param.clamp_(-bound, bound)
@@ -52,3 +55,13 @@ def edit_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
     if not edit.all():  # other rows have targets too (no copy of the logits in the usual case)
         logits, labels, row_ids = logits[edit], labels[edit], row_ids[edit]
     return per_request_mean(F.cross_entropy(logits.float(), labels, reduction="none"), row_ids, n_edit)
+
+
+def prompt_last_nll(logits: Tensor, rows: TeacherForcedBatch, n_edit: int) -> Tensor:
+    """Per edit row, the mean NLL of its target tokens all scored at the prompt's last token (ROME's FT-L
+    objective, EasyEdit's `prompt_last`: one next-token distribution asked for the whole answer)."""
+    labels, row_ids = rows.labels, rows.rows
+    edit = row_ids < n_edit
+    logits, labels, row_ids = logits[edit], labels[edit], row_ids[edit]
+    at_prompt_end = logits[torch.searchsorted(row_ids, row_ids)]  # each row's first scored position
+    return per_request_mean(F.cross_entropy(at_prompt_end.float(), labels, reduction="none"), row_ids, n_edit)
