@@ -10,8 +10,10 @@ attaches N random side memories of the layer's shape that no prompt passes (the 
 memory without the cost of answering from one). The prompts are the first `--prompts` ZsRE locality
 prompts: with their answers for teacher-forced scoring, alone for greedy generation (`--new-tokens`).
 Each timing is the median of `--repeats` passes after a warm-up pass; the unedited model is timed next
-to every edited one, so each ratio compares passes made minutes apart at most. Writes `results.json` and
-`results.md` to `--out`.
+to every edited one, so each ratio compares passes made minutes apart at most. `--route-sketch K M` routes
+every edited model in two stages (`SideMemoryLinear.use_sketch`: a K-dimensional sketch, then M candidates
+scored exactly); each run's row then also gives the share of its edit and locality prompts that the sketch
+routes as exact scoring does (`route_agreement`). Writes `results.json` and `results.md` to `--out`.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from wise_cl.benchmarks.routing import load_run
 from wise_cl.evaluation import greedy_tokens, predict_answers
 from wise_cl.models import load_model
 from wise_cl.provenance import code_version
 from wise_cl.records import read_requests
-from wise_cl.serving import wise_run
-from wise_cl.side_memory import attach_side_memory, detach_side_memory
+from wise_cl.side_memory import SideMemoryLinear, attach_side_memory, detach_side_memory
 
 DEFAULT_LAYER = "model.layers.25.mlp.down_proj"
 
@@ -66,6 +69,18 @@ def timings(
     }
 
 
+@torch.no_grad()
+def routes(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: SideMemoryLinear, prompts: list[str]
+) -> Tensor:
+    """The memory each prompt is routed to (`MAIN`: none), 16 prompts a pass."""
+    found = []
+    for start in range(0, len(prompts), 16):
+        model(**tokenizer(prompts[start : start + 16], return_tensors="pt", padding=True).to(model.device))
+        found.append(adapter.route.cpu())
+    return torch.cat(found)
+
+
 def compared(edited: dict[str, float], unedited: dict[str, float]) -> dict[str, float]:
     """Both timings and their ratios (edited over unedited)."""
     row = {f"{name}_seconds": seconds for name, seconds in edited.items()}
@@ -81,19 +96,26 @@ def inference_overhead(
     num_prompts: int,
     new_tokens: int,
     repeats: int,
+    sketch: tuple[int, int] = (0, 1),
 ) -> list[dict[str, Any]]:
-    """One row per run and per synthetic memory count: what was timed, its timings and ratios."""
+    """One row per run and per synthetic memory count: what was timed, its timings and ratios (routing with
+    `sketch`: dimensions and candidates, see `SideMemoryLinear.use_sketch`)."""
     requests = read_requests("zsre", limit=num_prompts)
     prompts, answers = [r.locality_prompt for r in requests], [r.locality_answer for r in requests]
     rows = []
     for run in runs:
-        strategy, _, state = wise_run(run)
+        strategy, run_requests, _ = load_run(run)
         model, tokenizer = strategy.model, strategy.tokenizer
+        row = {"run": str(run), "edits": len(run_requests), "side_memories": len(strategy.adapter.taus)}
+        if sketch[0]:
+            routed = [r.prompt for r in run_requests] + [r.locality_prompt for r in run_requests]
+            exact = routes(model, tokenizer, strategy.adapter, routed)
+            strategy.adapter.use_sketch(*sketch)
+            agree = routes(model, tokenizer, strategy.adapter, routed) == exact
+            row["route_agreement"] = float(agree.float().mean())
         edited = timings(model, tokenizer, prompts, answers, new_tokens, repeats)
-        memories = len(strategy.adapter.taus)
         strategy.detach()
         unedited = timings(model, tokenizer, prompts, answers, new_tokens, repeats)
-        row = {"run": str(run), "edits": state["edits_done"], "side_memories": memories}
         rows.append(row | compared(edited, unedited))
         print(json.dumps(rows[-1]), flush=True)
     if synthetic:
@@ -102,6 +124,7 @@ def inference_overhead(
         for count in synthetic:
             unedited = timings(model, tokenizer, prompts, answers, new_tokens, repeats)
             adapter = attach_side_memory(model, layer)
+            adapter.use_sketch(*sketch)
             shape = adapter.weight.shape
             taus = [torch.randn(shape, generator=generator).to(adapter.weight) * 1e-3 for _ in range(count)]
             adapter.serve(taus, [float("inf")] * count)  # scored on every sequence, never answering
@@ -116,8 +139,9 @@ def inference_overhead(
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | edits | side memories | scoring s | unedited | ratio | generation s | unedited | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | edits | side memories | scoring s | unedited | ratio | generation s | unedited | ratio"
+        " | route agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [r["run"], "-" if r["edits"] is None else r["edits"], r["side_memories"]]
@@ -127,6 +151,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 f"{r[f'unedited_{name}_seconds']:.2f}",
                 f"{r[f'{name}_ratio']:.3f}",
             ]
+        cells.append(f"{r['route_agreement']:.3f}" if "route_agreement" in r else "-")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -140,12 +165,22 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--route-sketch", type=int, nargs=2, default=[0, 1], metavar=("DIMS", "CANDIDATES"), help="two-stage routing"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not args.runs and not args.synthetic:
         parser.error("give --runs, --synthetic or both")
     rows = inference_overhead(
-        args.runs, args.synthetic, args.model, args.layer, args.prompts, args.new_tokens, args.repeats
+        args.runs,
+        args.synthetic,
+        args.model,
+        args.layer,
+        args.prompts,
+        args.new_tokens,
+        args.repeats,
+        args.route_sketch,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m wise_cl.benchmarks.inference_overhead " + shlex.join(sys.argv[1:])

@@ -74,6 +74,10 @@ class WISE(LinearEditStrategy):
         route_on: `sequence` (the paper): a sequence's activation score, for training, thresholds and routing,
             averages over its prompt and answer tokens; `prompt`: over its prompt tokens alone, which is what
             generation has when it decides the route, so a memory's threshold is set on what it is used on.
+        route_sketch: route in two stages once more than `route_candidates` memories serve: every memory scored
+            on a random projection of its output to this many dimensions, then each sequence's `route_candidates`
+            best scored exactly (0: every memory scored exactly, as in the paper; see `SideMemoryLinear`).
+        route_candidates: memories per sequence scored exactly after the sketch.
         irrelevant_source: bundled data set name or JSON list of the irrelevant texts.
         num_irrelevant: irrelevant texts per edit (edit i uses texts i*n to i*n+n-1, wrapping around the list);
             they need only their activation score, so more of them cost little per step.
@@ -141,6 +145,8 @@ class WISE(LinearEditStrategy):
         score_activation: bool = False,
         keep_route: bool = True,
         route_on: str = "sequence",
+        route_sketch: int = 0,
+        route_candidates: int = 4,
         irrelevant_source: str = "zsre",
         num_irrelevant: int = 1,
         calibration_texts: int = 0,
@@ -185,9 +191,11 @@ class WISE(LinearEditStrategy):
             "calibration_texts": calibration_texts,
             "shared_directions": shared_directions,
             "subject_negatives": subject_negatives,
+            "route_sketch": route_sketch,
         }
         for name, value in counts.items():
             require(value >= 0, name, "at least 0", value)
+        require(route_candidates >= 1, "route_candidates", "at least 1", route_candidates)
         require(0 <= num_context <= len(PREFIX_SEEDS), "num_context", f"in [0, {len(PREFIX_SEEDS)}]", num_context)
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
@@ -198,7 +206,7 @@ class WISE(LinearEditStrategy):
         self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
         self.threshold_rows, self.score_activation, self.keep_route = threshold_rows, score_activation, keep_route
-        self.route_on = route_on
+        self.route_on, self.route_sketch, self.route_candidates = route_on, route_sketch, route_candidates
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
         self.shared_directions, self.subject_negatives = shared_directions, subject_negatives
@@ -216,6 +224,7 @@ class WISE(LinearEditStrategy):
         self.adapter.route_on_prompt = self.route_on == "prompt"
         self.adapter.reroute_each_token = not self.keep_route
         self.adapter.score_activation = model_activation(model) if self.score_activation else None
+        self.adapter.use_sketch(self.route_sketch, self.route_candidates)
         if self.calibration_texts >= len(self.irrelevant):
             raise ValueError(
                 f"strategy.calibration_texts: {self.calibration_texts} held back, but irrelevant_source"

@@ -159,3 +159,7 @@ def test_inference_overhead_times_runs_and_synthetic_memories_against_the_unedit
             assert row[f"{name}_ratio"] == pytest.approx(row[f"{name}_seconds"] / row[f"unedited_{name}_seconds"])
             assert row[f"{name}_seconds"] > 0
     assert markdown(rows).count("\n") == 2 + len(rows)
+    assert "route_agreement" not in rows[0]
+    # two-stage routing: every memory on a 2-dimensional sketch, then one candidate scored exactly
+    sketched = inference_overhead([run], [4], "tiny", TINY_LAYER, 4, 2, 1, sketch=(2, 1))
+    assert 0.0 <= sketched[0]["route_agreement"] <= 1.0 and sketched[1]["side_memories"] == 4

@@ -17,7 +17,13 @@ from wise_cl.models import load_model
 from wise_cl.module import EditingModule
 from wise_cl.rows import teacher_forced_batch
 from wise_cl.serving import answer_prompts
-from wise_cl.side_memory import MAIN, attach_side_memory, detach_side_memory, load_side_memories
+from wise_cl.side_memory import (
+    MAIN,
+    attach_side_memory,
+    detach_side_memory,
+    load_side_memories,
+    save_side_memories,
+)
 from wise_cl.strategies.wise import WISE
 
 
@@ -111,6 +117,51 @@ def test_routing_is_decided_per_sequence(tiny):
         length = int(batch.attention_mask[i].sum())
         alone = model(input_ids=batch.input_ids[i : i + 1, :length]).logits
         torch.testing.assert_close(full[i, :length], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sketched_routing_picks_the_exact_route_scoring_only_the_candidates(tiny, tmp_path):
+    model, _ = tiny
+    adapter = attach_side_memory(model, TINY_LAYER)
+    out_features, in_features = adapter.weight.shape
+    generator = torch.Generator().manual_seed(0)
+    block = in_features // 12
+    taus = []
+    for m in range(12):  # memory m reads input features of block m only
+        tau = torch.zeros(out_features, in_features)
+        tau[:, m * block : (m + 1) * block] = torch.randn(out_features, block, generator=generator)
+        taus.append(tau)
+    a = torch.randn(6, 5, in_features, generator=generator) * 0.1
+    for b in range(6):  # sequence b is loud on block 2b
+        a[b, :, 2 * b * block : (2 * b + 1) * block] += 1.0
+    adapter.serve(taus, [0.0] * 12)
+    exact = adapter.decide_route(a)
+    assert exact.tolist() == [0, 2, 4, 6, 8, 10]
+
+    adapter.use_sketch(sketch_dim=8, candidates=2)
+    scored_rows = []
+    distances = adapter.distances
+    adapter.distances = lambda rows, *rest: scored_rows.append(len(rows)) or distances(rows, *rest)
+    assert torch.equal(adapter.decide_route(a), exact)
+    assert sum(scored_rows) <= 6 * 2 < 6 * 12  # exact scores for each sequence's two candidates only
+    del adapter.distances
+
+    save_side_memories(adapter, tmp_path / "side.safetensors", TINY_LAYER)
+    fresh = load_side_memories(load_model("tiny")[0], tmp_path / "side.safetensors")
+    assert (fresh.sketch_dim, fresh.candidates) == (8, 2)
+    torch.testing.assert_close(fresh.sketches, adapter.sketches)
+    adapter.use_sketch(sketch_dim=8, candidates=12)  # as many candidates as memories: no sketch needed
+    assert adapter.sketches is None and torch.equal(adapter.decide_route(a), exact)
+
+
+def test_wise_retrieve_routes_its_memories_through_the_sketch(tiny, zsre10):
+    strategy = small_wise(retrieve=True, edits_per_shard=1, shards_per_merge=1, route_sketch=4, route_candidates=1)
+    strategy.prepare(*tiny)
+    edit_requests(strategy, zsre10[:3], lifecycle=True)
+    adapter = strategy.adapter
+    frozen = adapter.sketches[:4].clone()
+    edit_requests(strategy, zsre10[3:4], start=3, lifecycle=True)
+    assert len(adapter.taus) >= 3 and adapter.sketches.shape == (4 * len(adapter.taus), adapter.weight.shape[1])
+    assert torch.equal(adapter.sketches[:4], frozen)  # a frozen memory keeps its sketch
 
 
 def test_generation_keeps_the_route_decided_on_the_prompt(tiny):
@@ -216,6 +267,8 @@ def test_wise_routing_on_the_prompt_routes_teacher_forcing_and_generation_alike(
         ("calibration_texts", -1, "at least 0"),
         ("shared_directions", -1, "at least 0"),
         ("subject_negatives", -1, "at least 0"),
+        ("route_sketch", -1, "at least 0"),
+        ("route_candidates", 0, "at least 1"),
         ("num_context", 11, r"in \[0, 10\]"),
     ],
 )

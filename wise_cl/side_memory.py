@@ -4,6 +4,11 @@ Each side memory is stored as a task vector tau = W' - W, so the side output is
 `W a + tau a` and the activation score of a sequence is the mean over its real tokens of
 `||tau a_t||_2` (the paper's Eq. 3), or, with `score_activation` set to the model's activation
 function, of `||act(W a_t + tau a_t) - act(W a_t)||_2` (the paper's official code).
+
+With many memories the route can be decided in two stages (`use_sketch`): every memory is scored on a random
+projection of its output (`S tau a`, S of `sketch_dim` rows: `||S x||` estimates `||x||`), and only each
+sequence's `candidates` best are scored exactly, so routing costs `sketch_dim` instead of `out_features`
+rows per memory.
 """
 
 from __future__ import annotations
@@ -76,6 +81,9 @@ class SideMemoryLinear(nn.Module):
         self.prompt_mask: Tensor | None = None
         self.reroute_each_token = False
         self.score_activation: str | None = None  # activation function around the outputs of a score
+        self.sketch_dim, self.candidates = 0, 1  # two-stage routing off
+        self.sketches: Tensor | None = None  # [memories * sketch_dim, in_features]: S tau of every memory
+        self._sketched: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (id, version) -> (tau, S tau)
 
     def distances(self, a: Tensor, tau: Tensor, base: Tensor | None = None) -> Tensor:
         """Per token, the distance between the output of `W + tau` and of `W` (`base`: `W a`, if known)."""
@@ -101,18 +109,61 @@ class SideMemoryLinear(nn.Module):
         if len(taus) != len(thresholds):
             raise ValueError(f"{len(taus)} side memories but {len(thresholds)} thresholds")
         self.taus, self.thresholds = list(taus), list(thresholds)
+        self._sketch()
+
+    def use_sketch(self, sketch_dim: int, candidates: int) -> None:
+        """Route in two stages: all memories on a `sketch_dim`-row random projection of their output, then
+        each sequence's `candidates` best exactly (0: every memory exactly, as in the paper)."""
+        if sketch_dim < 0 or candidates < 1:
+            raise ValueError(f"sketch_dim must be >= 0 and candidates >= 1, got {sketch_dim} and {candidates}")
+        self.sketch_dim, self.candidates, self._sketched = sketch_dim, candidates, {}
+        self._sketch()
+
+    def _sketch(self) -> None:
+        """Stack `S tau` for the serving memories (None when every memory is scored exactly anyway)."""
+        if not self.sketch_dim or len(self.taus) <= self.candidates:
+            self.sketches = None
+            return
+        weight = self.base.weight
+        generator = torch.Generator().manual_seed(0)
+        projection = torch.randn(self.sketch_dim, weight.shape[0], generator=generator) / self.sketch_dim**0.5
+        projection = projection.to(weight)
+        known, self._sketched, sketches = self._sketched, {}, []
+        for tau in self.taus:  # a memory served before and unchanged since (a frozen one) is not projected again
+            key = (id(tau), tau._version)
+            self._sketched[key] = known.get(key) or (tau, projection @ tau)
+            sketches.append(self._sketched[key][1])
+        self.sketches = torch.cat(sketches)
+
+    def score_mask(self, a: Tensor) -> Tensor | None:
+        """The tokens a sequence's score averages over: its prompt (`route_on_prompt`) or all its real ones."""
+        mask = self.prompt_mask if self.route_on_prompt and self.prompt_mask is not None else self.token_mask
+        return mask if mask is not None and mask.shape == a.shape[:2] else None
 
     def scores(self, a: Tensor, base: Tensor | None = None) -> Tensor:
         """Activation score of every sequence on every serving memory: [memories, batch]."""
-        mask = self.prompt_mask if self.route_on_prompt and self.prompt_mask is not None else self.token_mask
-        mask = mask if mask is not None and mask.shape == a.shape[:2] else None
+        mask = self.score_mask(a)
         return torch.stack([sequence_scores(self.distances(a, tau, base), mask) for tau in self.taus])
+
+    def candidate_scores(self, a: Tensor, base: Tensor | None = None) -> Tensor:
+        """`scores` where the sketch ranks a memory among a sequence's `candidates` best; -inf elsewhere."""
+        mask = self.score_mask(a)
+        sketched = F.linear(a, self.sketches).unflatten(-1, (len(self.taus), self.sketch_dim)).norm(dim=-1)
+        rough = sequence_scores(sketched.permute(2, 0, 1), mask)  # [memories, batch]
+        chosen = rough.topk(self.candidates, dim=0).indices
+        scores = torch.full_like(rough, -torch.inf)
+        for memory in chosen.unique().tolist():
+            rows = (chosen == memory).any(0)
+            part = None if base is None else base[rows]
+            distances = self.distances(a[rows], self.taus[memory], part)
+            scores[memory, rows] = sequence_scores(distances, None if mask is None else mask[rows]).to(scores)
+        return scores
 
     def decide_route(self, a: Tensor, base: Tensor | None = None) -> Tensor:
         """Per sequence, the index of the side memory that answers, or MAIN."""
         if not self.taus:
             return torch.full((a.shape[0],), MAIN, dtype=torch.long, device=a.device)
-        scores = self.scores(a, base)
+        scores = self.scores(a, base) if self.sketches is None else self.candidate_scores(a, base)
         thresholds = torch.tensor(self.thresholds, dtype=scores.dtype, device=a.device)
         return route(scores, thresholds)
 
@@ -193,6 +244,7 @@ def save_side_memories(adapter: SideMemoryLinear, path: str | Path, layer: str) 
     metadata["route_on"] = "prompt" if adapter.route_on_prompt else "sequence"
     metadata["reroute_each_token"] = json.dumps(adapter.reroute_each_token)
     metadata["score_activation"] = json.dumps(adapter.score_activation)
+    metadata["sketch"] = json.dumps([adapter.sketch_dim, adapter.candidates])
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -208,6 +260,7 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
         route_on = metadata.get("route_on", "sequence")
         reroute_each_token = json.loads(metadata.get("reroute_each_token", "false"))
         score_activation = json.loads(metadata.get("score_activation", "null"))
+        sketch_dim, candidates = json.loads(metadata.get("sketch", "[0, 1]"))
     except (OSError, KeyError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: not a side-memory file written by save_side_memories ({error})") from None
     if len(thresholds) != len(taus) or not all(isinstance(t, (int, float)) for t in thresholds):
@@ -219,6 +272,7 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
         if tau.shape != weight.shape or not torch.isfinite(tau).all():
             raise ValueError(f"{path}: tau.{i} is not a finite {tuple(weight.shape)} matrix for layer '{layer}'")
     adapter = attach_side_memory(model, layer)
+    adapter.use_sketch(sketch_dim, candidates)
     adapter.serve([tau.to(adapter.weight) for tau in taus], thresholds)
     adapter.route_on_prompt = route_on == "prompt"
     adapter.reroute_each_token, adapter.score_activation = bool(reroute_each_token), score_activation
