@@ -15,6 +15,7 @@ from wise_cl.evaluation import predict_answers
 from wise_cl.merging import merge_task_vectors
 from wise_cl.models import load_model
 from wise_cl.module import EditingModule
+from wise_cl.provenance import file_sha256
 from wise_cl.rows import teacher_forced_batch
 from wise_cl.serving import answer_prompts
 from wise_cl.side_memory import (
@@ -494,6 +495,18 @@ def test_a_checkpoint_resumes_only_its_own_stream_and_extends_it(tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(extended.strategy.memory.tau, whole.strategy.memory.tau)
     assert extended.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
+
+
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(tmp_path):
+    run_stream(tmp_path, [], num_edits=2)
+    checkpoint = tmp_path / "last.ckpt"
+    content = torch.load(checkpoint, weights_only=False)
+    del content["wise_cl"]["identity"]["settings"]["route_sketch"]  # as written before the option existed
+    torch.save(content, checkpoint)
+    (tmp_path / "last.ckpt.sha256").write_text(file_sha256(checkpoint))
+    with pytest.raises(ValueError, match=r"other strategy settings \(saved, here\): \{'route_sketch': \(0, 8\)\}"):
+        run_stream(tmp_path, [], ckpt_path=checkpoint, num_edits=3, route_sketch=8)
+    assert run_stream(tmp_path, [], ckpt_path=checkpoint, num_edits=3).edits_done == 3
 
 
 @pytest.fixture

@@ -181,12 +181,15 @@ class EditingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume a stream: refused onto another model, strategy, setting or stream (a longer stream of the
-        same requests is the same stream, extended)."""
+        same requests is the same stream, extended; a setting the checkpoint does not name must be at its
+        default)."""
         path, state = verified_checkpoint(self.trainer.ckpt_path), checkpoint["wise_cl"]
         saved, current = state.get("identity"), self.run_identity()
         if saved is None:
             raise ValueError(f"{path}: made by an older wise-cl that did not record its run; start the run again")
         for key, value in saved.items():
+            if key == "settings":  # a setting added to wise-cl after the checkpoint was made: its default then
+                value = setting_defaults(self.strategy) | value
             if key == "settings" and value != current[key]:
                 names = sorted(set(value) | set(current[key]))
                 changed = {n: (value.get(n), current[key].get(n)) for n in names if value.get(n) != current[key].get(n)}
@@ -220,3 +223,13 @@ def strategy_settings(strategy: EditStrategy) -> dict[str, Any]:
     }
     plain = (bool, int, float, str, type(None))
     return {name: getattr(strategy, name) for name in sorted(names) if isinstance(getattr(strategy, name, ()), plain)}
+
+
+def setting_defaults(strategy: EditStrategy) -> dict[str, Any]:
+    """The defaults of the strategy's constructor arguments (a subclass's default wins)."""
+    defaults: dict[str, Any] = {}
+    for cls in reversed(type(strategy).__mro__):
+        if "__init__" in vars(cls):
+            parameters = inspect.signature(cls.__init__).parameters.values()
+            defaults |= {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return defaults
