@@ -211,6 +211,7 @@ def test_memory_callbacks_run_before_the_forgetting_curve(tmp_path):
     last = json.loads((Path(cli.trainer.log_dir) / "forgetting_curve.json").read_text())[-1]
     assert last["edits"] == 2
     assert {k: last[k] for k in ("reliability", "locality")} == {k: metrics[k] for k in ("reliability", "locality")}
+    assert last["perplexity"] == pytest.approx(metrics["perplexity"])  # the curve carries the target perplexity
 
 
 def test_temporal_overlay_scores_out_of_distribution_generalization_along_the_stream(tmp_path):

@@ -7,6 +7,7 @@ Lightning hook and the Avalanche plugin both call, so the schedule exists once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -104,9 +105,10 @@ def request_scores(
     pl_module: L.LightningModule, requests: list, reference: list[torch.Tensor], batch_size: int
 ) -> dict[str, torch.Tensor]:
     """Per request: reliability, generalization (first rephrase, if any), out-of-distribution generalization
-    (if the requests have one) and locality (NaN for a request with an empty locality answer)."""
+    (if the requests have one), locality (NaN for a request with an empty locality answer) and the target's mean
+    token NLL given the prompt (`target_nll`)."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
-    names = ("reliability", "generalization", "ood_generalization", "locality")
+    names = ("reliability", "generalization", "ood_generalization", "locality", "target_nll")
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
@@ -123,14 +125,16 @@ def request_scores(
             target = torch.cat(reference[start : start + len(chunk)]) if name == "locality" else out.labels
             correct = (out.preds == target.to(out.preds.device)).double()
             scores[name].append(per_request_score(correct, out.rows, len(chunk)))
+            if name == "reliability":
+                scores["target_nll"].append(per_request_score(out.nll.double(), out.rows, len(chunk)))
     return {name: torch.cat(values) for name, values in scores.items() if values}
 
 
 class ForgettingCurve(Callback):
     """Every `every_n_edits` edits, re-score all edits seen so far and log the forgetting curves.
 
-    Logs mean reliability, generalization, locality and forgetting (best reliability seen minus
-    current, per request) against the number of edits; at the end writes the points to
+    Logs mean reliability, generalization, locality, target perplexity and forgetting (best reliability seen
+    minus current, per request) against the number of edits; at the end writes the points to
     `forgetting_curve.json` and draws them in `forgetting_curve.png`, both in the run folder.
     """
 
@@ -152,6 +156,7 @@ class ForgettingCurve(Callback):
         scores = request_scores(pl_module, requests, pl_module.reference, trainer.datamodule.eval_batch_size)
         self.forgetting.update(torch.arange(done), scores["reliability"])
         point = {name: float(values.nanmean()) for name, values in scores.items()}
+        point["perplexity"] = math.exp(point.pop("target_nll"))  # as `TargetPerplexity`: a geometric mean
         point["forgetting"] = float(self.forgetting.compute())
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in point.items()}, step=done)

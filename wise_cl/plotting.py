@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
-    """One panel per metric, one line per run, edits seen on the x axis."""
+    """One panel per metric, one line per run, edits seen on the x axis (perplexity on a log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,7 +14,7 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
 
     metrics = [
         m
-        for m in ("reliability", "generalization", "ood_generalization", "locality", "forgetting")
+        for m in ("reliability", "generalization", "ood_generalization", "locality", "forgetting", "perplexity")
         if any(m in h[0] for h in histories.values())
     ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
@@ -25,7 +25,10 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
             )
         ax.set_title(metric)
         ax.set_xlabel("edits seen")
-        ax.set_ylim(-0.02, 1.02)
+        if metric == "perplexity":  # of the targets, lower is better
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()
