@@ -173,10 +173,10 @@ class SideMemoryLinear(nn.Module):
             return out + F.linear(a, self.train_tau)
         if not (self.keep_route and self.route is not None and self.route.shape[0] == a.shape[0]):
             self.route = self.decide_route(a, out)
-        for m, tau in enumerate(self.taus):
-            rows = self.route == m
-            if rows.any():
-                out = out.index_add(0, rows.nonzero().squeeze(1), F.linear(a[rows], tau))
+        for m in self.route.unique().tolist():  # the memories that answer some sequence, not all that serve
+            if m != MAIN:
+                rows = self.route == m
+                out = out.index_add(0, rows.nonzero().squeeze(1), F.linear(a[rows], self.taus[m]))
         return out
 
 
