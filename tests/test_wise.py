@@ -411,7 +411,13 @@ def run_stream(tmp_path, callbacks, ckpt_path=None, num_edits=5, start=0, **sett
     torch.manual_seed(0)
     module = EditingModule("tiny", small_wise(n_iter=4, **settings), exact_match=False)
     checkpoint = EditCheckpoint(dirpath=str(tmp_path))
-    trainer = L.Trainer(max_epochs=1, logger=False, callbacks=[checkpoint, *callbacks], enable_progress_bar=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[checkpoint, *callbacks],
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),  # where a forgetting curve is written
+    )
     trainer.fit(module, EditStreamDataModule("zsre", num_edits=num_edits, start=start), ckpt_path=ckpt_path)
     return module
 

@@ -188,13 +188,15 @@ class EditingModule(L.LightningModule):
         if saved is None:
             raise ValueError(f"{path}: made by an older wise-cl that did not record its run; start the run again")
         for key, value in saved.items():
-            if key == "settings":  # a setting added to wise-cl after the checkpoint was made: its default then
-                value = setting_defaults(self.strategy) | value
-            if key == "settings" and value != current[key]:
-                names = sorted(set(value) | set(current[key]))
-                changed = {n: (value.get(n), current[key].get(n)) for n in names if value.get(n) != current[key].get(n)}
-                raise ValueError(f"{path}: made with other strategy settings (saved, here): {changed}")
-            if current[key] != value:
+            if key == "settings":
+                value = setting_defaults(self.strategy) | value  # a setting newer than the checkpoint: its default
+                if value != current[key]:
+                    names = sorted(set(value) | set(current[key]))
+                    changed = {
+                        n: (value.get(n), current[key].get(n)) for n in names if value.get(n) != current[key].get(n)
+                    }
+                    raise ValueError(f"{path}: made with other strategy settings (saved, here): {changed}")
+            elif current[key] != value:
                 raise ValueError(f"{path}: made for another run ({key} {value!r}, here {current[key]!r})")
         if state["edits_done"] > len(self.stream):
             raise ValueError(f"{path}: holds {state['edits_done']} edits, more than data.num_edits={len(self.stream)}")
@@ -213,23 +215,23 @@ class EditingModule(L.LightningModule):
         self.memory_seconds = state.get("memory_seconds", 0.0)
 
 
+def constructor_parameters(strategy: EditStrategy) -> dict[str, inspect.Parameter]:
+    """The parameters of the strategy's constructors by name (a subclass's wins)."""
+    parameters: dict[str, inspect.Parameter] = {}
+    for cls in reversed(type(strategy).__mro__):
+        if "__init__" in vars(cls):
+            parameters |= inspect.signature(cls.__init__).parameters
+    return parameters
+
+
 def strategy_settings(strategy: EditStrategy) -> dict[str, Any]:
     """The strategy's constructor arguments that it keeps under their own names (plain values only)."""
-    names = {
-        name
-        for cls in type(strategy).__mro__
-        if "__init__" in vars(cls)
-        for name in inspect.signature(cls.__init__).parameters
-    }
     plain = (bool, int, float, str, type(None))
-    return {name: getattr(strategy, name) for name in sorted(names) if isinstance(getattr(strategy, name, ()), plain)}
+    names = sorted(constructor_parameters(strategy))
+    return {name: getattr(strategy, name) for name in names if isinstance(getattr(strategy, name, ()), plain)}
 
 
 def setting_defaults(strategy: EditStrategy) -> dict[str, Any]:
-    """The defaults of the strategy's constructor arguments (a subclass's default wins)."""
-    defaults: dict[str, Any] = {}
-    for cls in reversed(type(strategy).__mro__):
-        if "__init__" in vars(cls):
-            parameters = inspect.signature(cls.__init__).parameters.values()
-            defaults |= {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-    return defaults
+    """The defaults of the strategy's constructor arguments."""
+    parameters = constructor_parameters(strategy).values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
