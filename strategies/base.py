@@ -28,6 +28,9 @@ class EditStrategy(ABC):
     # keys of `state_dict()` holding lists that only grow, whose items never change once made: a checkpoint
     # writes each item once, to its own file beside it
     written_once: tuple[str, ...] = ()
+    # constructor settings that change only how the edited model answers, not what the edits wrote: a
+    # checkpoint may be scored (`wise-cl test`, `predict`) with other values of them
+    serving_settings: tuple[str, ...] = ()
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Install what the method needs (adapters, buffers) before the first edit."""

@@ -117,6 +117,7 @@ class WISE(LinearEditStrategy):
 
     name = "wise"
     written_once = ("frozen",)  # WISE-Retrieve's frozen memories
+    serving_settings = ("act_ratio", "keep_route", "route_sketch", "route_candidates")
 
     def __init__(
         self,

@@ -121,6 +121,19 @@ def test_ckpt_path_last_extends_the_stream_in_its_own_run_folder(tmp_path, capsy
         )
 
 
+def test_a_checkpoint_is_scored_with_other_serving_settings_only(tmp_path, capsys):
+    edited, _ = run_cli("fit", ["--data.num_edits=2", "--model.strategy.n_iter=20"], tmp_path, capsys)
+    unedited, _ = run_cli("test", ["--data.num_edits=2"], tmp_path / "unedited", capsys)
+    again = ["--data.num_edits=2", "--model.strategy.n_iter=20", "--ckpt_path=last"]
+    rescored, _ = run_cli("test", again, tmp_path, capsys)
+    assert rescored["reliability"] == edited["reliability"] != unedited["reliability"]
+    # a routing threshold no sequence reaches: every sequence goes to the main memory, the unedited model
+    unrouted, _ = run_cli("test", [*again, "--model.strategy.act_ratio=1e6"], tmp_path, capsys)
+    assert unrouted["reliability"] == unedited["reliability"]
+    with pytest.raises(SystemExit, match=r"other strategy settings \(saved, here\): \{'lr': \(8.0, 3.0\)\}"):
+        run_cli("test", [*again, "--model.strategy.lr=3"], tmp_path, capsys)
+
+
 def test_config_typo_is_reported(capsys):
     with pytest.raises(SystemExit):
         main(["test", "--config", "configs/zsre_wise.yaml", "--model.strategy.alhpa=3"])

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from wise_cl.callbacks import AnswerWriter, MemoryCallback
@@ -182,7 +183,7 @@ class EditingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume a stream: refused onto another model, strategy, setting or stream (a longer stream of the
         same requests is the same stream, extended; a setting the checkpoint does not name must be at its
-        default)."""
+        default; scoring a checkpoint may change the strategy's `serving_settings`)."""
         path, state = verified_checkpoint(self.trainer.ckpt_path), checkpoint["wise_cl"]
         saved, current = state.get("identity"), self.run_identity()
         if saved is None:
@@ -190,11 +191,11 @@ class EditingModule(L.LightningModule):
         for key, value in saved.items():
             if key == "settings":
                 value = setting_defaults(self.strategy) | value  # a setting newer than the checkpoint: its default
-                if value != current[key]:
-                    names = sorted(set(value) | set(current[key]))
-                    changed = {
-                        n: (value.get(n), current[key].get(n)) for n in names if value.get(n) != current[key].get(n)
-                    }
+                names = sorted(set(value) | set(current[key]))
+                changed = {n: (value.get(n), current[key].get(n)) for n in names if value.get(n) != current[key].get(n)}
+                if self.trainer.state.fn != TrainerFn.FITTING:  # scoring, not editing: serving settings may change
+                    changed = {n: v for n, v in changed.items() if n not in self.strategy.serving_settings}
+                if changed:
                     raise ValueError(f"{path}: made with other strategy settings (saved, here): {changed}")
             elif current[key] != value:
                 raise ValueError(f"{path}: made for another run ({key} {value!r}, here {current[key]!r})")
