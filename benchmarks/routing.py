@@ -41,6 +41,18 @@ def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
     return strategy, requests, state["locality_reference"]
 
 
+def request_sets(requests: list) -> dict[str, tuple[list[str], list[str]]]:
+    """The (prompts, answers) a run is scored on: the edits, their first rephrasing and their out-of-distribution
+    text (where every request has one), the locality prompts."""
+    targets = [r.target for r in requests]
+    sets = {"reliability": ([r.prompt for r in requests], targets)}
+    if all(r.rephrases for r in requests):
+        sets["generalization"] = ([r.rephrases[0] for r in requests], targets)
+    if all(r.ood_rephrase for r in requests):
+        sets["ood_generalization"] = ([r.ood_rephrase for r in requests], targets)
+    return sets | {"locality": ([r.locality_prompt for r in requests], [r.locality_answer for r in requests])}
+
+
 @torch.no_grad()
 def memory_scores(strategy: WISE, prompts: list[str], answers: list[str], batch: int = 16) -> Tensor:
     """Activation score of each prompt + answer on each serving memory: [memories, prompts]."""
@@ -117,18 +129,13 @@ def per_request(scores: Tensor, thresholds: Tensor, routes: Tensor, holder: Tens
 def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[str, Any]:
     """The routing report of a finished run under each act_ratio (default: the run's own)."""
     strategy, requests, reference = load_run(folder)
-    targets = [r.target for r in requests]
-    sets = {
-        "reliability": ([r.prompt for r in requests], targets),
-        "generalization": ([r.rephrases[0] if r.rephrases else r.prompt for r in requests], targets),
-        "locality": ([r.locality_prompt for r in requests], [r.locality_answer for r in requests]),
-    }
+    sets = request_sets(requests)
     scores = {name: memory_scores(strategy, *pairs) for name, pairs in sets.items()}
     holder = holding_memory(strategy, len(requests))
     report: dict[str, Any] = {"run": str(folder), "memories": len(strategy.adapter.taus)}
     if holder is not None:
         report["holding_memory_accuracy"] = {
-            name: forced_accuracy(strategy, sets[name], holder) for name in ("reliability", "generalization")
+            name: forced_accuracy(strategy, pairs, holder) for name, pairs in sets.items() if name != "locality"
         }
     rows = []
     for ratio in act_ratios or [strategy.act_ratio]:

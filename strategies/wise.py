@@ -463,7 +463,12 @@ class WISE(LinearEditStrategy):
         return memory + [MemorySpawning()] if self.retrieve else memory
 
     def describe(self) -> dict[str, Any]:
-        return {"merge_method": self.merge_method, "num_side_memories": len(self.adapter.taus), "layer": self.layer}
+        return {
+            "merge_method": self.merge_method,
+            "num_side_memories": len(self.adapter.taus),
+            "layer": self.layer,
+            "subspace_overlap": self.memory.subspace_overlap(),
+        }
 
     # checkpoints --------------------------------------------------------------------------------
 

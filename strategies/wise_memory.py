@@ -91,6 +91,17 @@ class ShardedMemory:
         mask = torch.rand(self.tau.shape, generator=generator) < self.mask_ratio
         return mask.to(self.tau.device, self.tau.dtype)
 
+    def subspace_overlap(self) -> float | None:
+        """Of the entries one shard of a merge group may change, the share another shard of the group may
+        change too (mean over ordered pairs of the first group's masks; about `mask_ratio` for random masks);
+        None with one shard per merge."""
+        k = self.shards_per_merge
+        if k < 2:
+            return None
+        masks = [self.shard_mask(i).bool() for i in range(k)]
+        shares = [(masks[i] & masks[j]).sum() / masks[i].sum() for i in range(k) for j in range(k) if i != j]
+        return float(torch.stack(shares).mean())
+
     @property
     def min_score(self) -> float:
         """The smallest edit score the current memory holds (closed shards and open shard)."""

@@ -10,6 +10,7 @@ from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
 from wise_cl.benchmarks.inference_overhead import inference_overhead, markdown
 from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
+from wise_cl.benchmarks.router_analysis import main as router_analysis
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.benchmarks.soak import main as soak
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
@@ -85,6 +86,26 @@ def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path)
     assert closed["locality"] == 1.0 and len(closed["thresholds"]) == 3
     assert open_gate["locality_over_threshold_per_memory"] == [1.0] * 3
     assert closed["reliability_over_threshold_per_memory"] == [0.0] * 3
+
+
+def test_router_analysis_scores_routed_side_and_main_and_the_route_margins(tmp_path, monkeypatch):
+    args = TINY_WISE + ["--model.strategy.calibration_texts=0"]
+    run_chunk(Path("configs/zsre_wise_retrieve.yaml"), "wise_retrieve", 3, 0, tmp_path, args)
+    run = tmp_path / "tensorboard" / "wise_retrieve" / "T3-chunk0"
+    own = routing_report(run)["act_ratio"][0]
+    monkeypatch.setattr("sys.argv", ["router_analysis", str(run), "--out", str(tmp_path / "out")])
+    router_analysis()
+    (result,) = json.loads((tmp_path / "out" / "router_analysis.json").read_text())["runs"]
+    assert (tmp_path / "out" / "router_analysis.png").is_file()
+    assert "| wise_retrieve/T3-chunk0 | 3 | 1 | main |" in (tmp_path / "out" / "router_analysis.md").read_text()
+    # routed: the run's own thresholds, as the routing report scores them; main: the unedited model
+    for name in ("reliability", "generalization", "locality"):
+        assert result["scores"]["routed"][name] == own[name]
+        assert result["routed_share"][name] == own[f"{name}_routed"]
+        assert len(result["score_ratios"][name]) == 3
+    assert result["scores"]["main"]["locality"] == 1.0
+    # no threshold: every sequence reaches the side memory, which holds the edits
+    assert result["scores"]["side"]["reliability"] >= result["scores"]["main"]["reliability"]
 
 
 def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):

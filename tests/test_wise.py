@@ -352,6 +352,8 @@ def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
     # 4 edits, 2 per shard, 2 shards per merge -> one frozen memory, an empty active one
     assert len(strategy.memory.frozen) == 1 and strategy.memory.merged is None
     assert len(strategy.adapter.taus) == 1 and strategy.memory.shard_index == 2
+    # random subspaces of 20% of the entries: another shard of the group may change about 20% of a shard's
+    assert strategy.describe()["subspace_overlap"] == pytest.approx(0.2, abs=0.03)
 
 
 def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, zsre10):

@@ -35,3 +35,31 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabel: str, line_at: float) -> None:
+    """One panel per entry of `panels`, one histogram per named set of positive values (log x axis), and a
+    vertical line at `line_at`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = [v for sets in panels.values() for vs in sets.values() for v in vs if v > 0]
+    low, high = min([*values, line_at]) / 1.5, max([*values, line_at]) * 1.5
+    bins = np.geomspace(low, high, 40)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (title, sets) in zip(axes[0], panels.items(), strict=True):
+        for name, vs in sets.items():
+            ax.hist(np.clip(vs, low, high), bins=bins, alpha=0.5, label=name)
+        ax.axvline(line_at, color="black", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
