@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
@@ -30,11 +34,7 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
         else:
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabel: str, line_at: float) -> None:
@@ -58,7 +58,14 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabe
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    save(fig, path)
+
+
+def save(fig: Figure, path: Path) -> None:
+    """Legend on the first panel, then the figure to `path` (folders made) and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
