@@ -157,6 +157,8 @@ def test_activation_overlap_compares_edits_with_and_without_the_shared_direction
 def test_soak_kills_and_resumes_to_the_uninterrupted_result(tmp_path):
     args = ["--config", "configs/zsre_wise_retrieve.yaml", "--num-edits", "8", "--kills", "2", "--min-seconds", "4"]
     args += ["--max-seconds", "8", "--out", str(tmp_path), *TINY_WISE, "--model.strategy.edits_per_shard=1"]
+    # every step of 200 per edit: the stream edits from about 5 s to 12 s here, so the kills land in it
+    args += ["--model.strategy.n_iter=200", "--model.strategy.early_stop_loss=0"]
     result = soak(args)
     # a kill may come after the stream has finished editing (then it interrupts the scoring)
     assert 1 <= len(result["kills"]) <= 2 and result["uninterrupted"]["edits_done"] == 8
