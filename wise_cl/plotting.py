@@ -45,6 +45,7 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import NullFormatter
 
     values = [v for sets in panels.values() for vs in sets.values() for v in vs if v > 0]
     low, high = min([*values, line_at]) / 1.5, max([*values, line_at]) * 1.5
@@ -55,6 +56,7 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabe
             ax.hist(np.clip(vs, low, high), bins=bins, alpha=0.5, label=name)
         ax.axvline(line_at, color="black", linestyle="--", linewidth=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels at the powers of ten only
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
