@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from wise_cl.benchmarks.routing import accuracy, load_run, memory_scores, request_sets
+from wise_cl.benchmarks.routing import accuracy, load_run, memory_scores, request_sets, restored_serving
 from wise_cl.plotting import plot_histograms
 from wise_cl.provenance import code_version
+from wise_cl.side_memory import MAIN, route
 
 MODES = ("routed", "side", "main")
 
@@ -42,27 +43,26 @@ def analyse_run(folder: Path) -> dict[str, Any]:
     strategy, requests, reference = load_run(folder)
     sets = request_sets(requests)
     adapter = strategy.adapter
-    taus, thresholds = list(adapter.taus), list(adapter.thresholds)
-    ratios = {
-        name: score_ratios(memory_scores(strategy, *pairs), torch.tensor(thresholds)) for name, pairs in sets.items()
-    }
-    gates = {"routed": thresholds, "side": [-math.inf] * len(taus), "main": [math.inf] * len(taus)}
+    taus, thresholds = list(adapter.taus), torch.tensor(adapter.thresholds)
+    memory = {name: memory_scores(strategy, *pairs) for name, pairs in sets.items()}
+    ratios = {name: score_ratios(scores, thresholds) for name, scores in memory.items()}
+    gates = {"routed": thresholds.tolist(), "side": [-math.inf] * len(taus), "main": [math.inf] * len(taus)}
     scores: dict[str, dict[str, float]] = {}
-    try:
+    with restored_serving(adapter):
         for mode in MODES:
             adapter.serve(taus, gates[mode])
             scores[mode] = {
                 name: float(accuracy(strategy, *pairs, reference if name == "locality" else None).nanmean())
                 for name, pairs in sets.items()
             }
-    finally:
-        adapter.serve(taus, thresholds)
     return {
         "run": str(folder),
         "num_edits": len(requests),
         "memories": len(taus),
         "scores": scores,
-        "routed_share": {name: sum(r > 1 for r in values) / len(values) for name, values in ratios.items()},
+        "routed_share": {
+            name: float((route(values, thresholds) != MAIN).float().mean()) for name, values in memory.items()
+        },
         "median_score_ratio": {name: statistics.median(values) for name, values in ratios.items()},
         "score_ratios": ratios,
     }

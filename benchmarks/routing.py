@@ -15,6 +15,8 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from wise_cl.evaluation import predict_answers
 from wise_cl.metrics import per_request_score
 from wise_cl.rows import teacher_forced_batch
 from wise_cl.serving import wise_run
-from wise_cl.side_memory import MAIN, route
+from wise_cl.side_memory import MAIN, SideMemoryLinear, route
 
 
 def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
@@ -85,19 +87,26 @@ def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
     return torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks, dtype=torch.long))
 
 
+@contextmanager
+def restored_serving(adapter: SideMemoryLinear) -> Iterator[None]:
+    """Serve other memories or thresholds inside the block; the adapter's own afterwards."""
+    taus, thresholds = list(adapter.taus), list(adapter.thresholds)
+    try:
+        yield
+    finally:
+        adapter.serve(taus, thresholds)
+
+
 def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: Tensor) -> float:
     """Mean accuracy when every request is answered by the memory that holds it (perfect routing)."""
     adapter = strategy.adapter
-    taus, thresholds = adapter.taus, adapter.thresholds
     correct = torch.zeros(len(holder), dtype=torch.double)
-    try:
-        for m, tau in enumerate(taus):
+    with restored_serving(adapter):
+        for m, tau in enumerate(list(adapter.taus)):
             held = (holder == m).nonzero().squeeze(1).tolist()
             if held:
                 adapter.serve([tau], [-float("inf")])
                 correct[held] = accuracy(strategy, *([pairs[k][i] for i in held] for k in range(2)))
-    finally:
-        adapter.serve(taus, thresholds)
     return float(correct.mean())
 
 
