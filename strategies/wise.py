@@ -110,6 +110,9 @@ class WISE(LinearEditStrategy):
         merge_consolidate_steps: after a merge, train the merged memory this many steps on all the edits it
             holds (only entries the merge set move), then record their scores as with `rescore_on_merge`;
             each shard was trained without the others, whose response on its edits the merge adds (0: off).
+        merge_retrain_edits: retrain after a merge on at most this many of the memory's edits: the merged
+            group's own, then a seeded sample of the older ones, so a merge's cost stops growing with the
+            stream; the threshold comes from the retrained edits' scores (0: every edit, as before).
         batch_edit: edit an experience's requests together in one loop (False: one by one).
         cached_forward: run layers below the edited one once per experience (False: full model each step).
         seed: seed for masks and context prefixes.
@@ -161,6 +164,7 @@ class WISE(LinearEditStrategy):
         consolidate_steps: int = 0,
         rescore_on_merge: bool = False,
         merge_consolidate_steps: int = 0,
+        merge_retrain_edits: int = 0,
         batch_edit: bool = True,
         cached_forward: bool = True,
         seed: int = 0,
@@ -189,6 +193,7 @@ class WISE(LinearEditStrategy):
             "replay": replay,
             "consolidate_steps": consolidate_steps,
             "merge_consolidate_steps": merge_consolidate_steps,
+            "merge_retrain_edits": merge_retrain_edits,
             "calibration_texts": calibration_texts,
             "shared_directions": shared_directions,
             "subject_negatives": subject_negatives,
@@ -216,6 +221,7 @@ class WISE(LinearEditStrategy):
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.rehearse_shard = rehearse_shard
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
+        self.merge_retrain_edits = merge_retrain_edits
         self.contexts: list[str] = []
 
     # set-up -------------------------------------------------------------------------------------
@@ -424,12 +430,23 @@ class WISE(LinearEditStrategy):
         if self.merge_consolidate_steps and memory.edits:
             merged = memory.merged.clone().requires_grad_(True)
             mask = (memory.merged != 0).to(memory.mask.dtype)
-            _, scores = self.consolidate(memory.edits, self.merge_consolidate_steps, merged, mask)
+            _, scores = self.consolidate(self.retraining_edits(), self.merge_consolidate_steps, merged, mask)
             memory.merged = merged.detach()
             memory.closed_min_score = scores.min().item()
         elif self.rescore_on_merge and memory.edits:
             memory.closed_min_score = self.edit_scores(memory.merged, memory.edits).min().item()
         self.publish()
+
+    def retraining_edits(self) -> list[Edit]:
+        """The edits a merge retrains on: all the memory's, or (`merge_retrain_edits`) the merged group's
+        own and a sample of the older ones, drawn with the run's seed and the memory's size."""
+        edits, cap = self.memory.edits, self.merge_retrain_edits
+        if not cap or len(edits) <= cap:
+            return edits
+        newest = min(cap, self.edits_per_shard * self.shards_per_merge)
+        older = len(edits) - newest
+        picked = sorted(random.Random(self.seed * 100_003 + len(edits)).sample(range(older), cap - newest))
+        return [edits[i] for i in picked] + edits[older:]
 
     def memory_complete(self) -> bool:
         """WISE-Retrieve: the current memory has been merged, so it is ready to freeze."""

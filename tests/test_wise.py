@@ -265,6 +265,7 @@ def test_wise_routing_on_the_prompt_routes_teacher_forcing_and_generation_alike(
         ("replay", -1, "at least 0"),
         ("consolidate_steps", -1, "at least 0"),
         ("merge_consolidate_steps", -1, "at least 0"),
+        ("merge_retrain_edits", -1, "at least 0"),
         ("calibration_texts", -1, "at least 0"),
         ("shared_directions", -1, "at least 0"),
         ("subject_negatives", -1, "at least 0"),
@@ -622,6 +623,29 @@ def test_merge_consolidation_trains_the_merged_memory_only_where_the_merge_set_e
     assert torch.all(strategy.memory.merged[plain == 0] == 0)
     assert torch.all(strategy.memory.tau.detach() == 0)  # the next shard starts empty
     scores = strategy.edit_scores(strategy.memory.merged, strategy.memory.edits)
+    assert strategy.memory.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+
+
+def test_merge_retraining_is_capped_at_the_merged_group_and_a_sample_of_older_edits(tiny, zsre10):
+    model, tokenizer = tiny
+    strategy = small_wise(merge_consolidate_steps=1, merge_retrain_edits=3, edits_per_shard=1, shards_per_merge=2)
+    strategy.prepare(model, tokenizer)
+    retrained, consolidate = [], strategy.consolidate
+
+    def recording(edits, *args):
+        retrained.append([edit.index for edit in edits])
+        return consolidate(edits, *args)
+
+    strategy.consolidate = recording
+    for i, request in enumerate(zsre10[:6]):
+        strategy.edit(EditBatch([i], [request]))
+        strategy.close_shard()
+        if strategy.group_full():
+            strategy.merge()
+    assert retrained[0] == [0, 1]  # under the cap: every edit
+    assert len(retrained[1]) == 3 and retrained[1][-2:] == [2, 3] and retrained[1][0] in (0, 1)
+    assert len(retrained[2]) == 3 and retrained[2][-2:] == [4, 5] and retrained[2][0] in range(4)
+    scores = strategy.edit_scores(strategy.memory.merged, [strategy.memory.edits[i] for i in retrained[2]])
     assert strategy.memory.min_score == pytest.approx(scores.min().item(), rel=1e-5)
 
 
