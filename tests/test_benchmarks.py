@@ -13,6 +13,7 @@ from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_stream
 from wise_cl.benchmarks.router_analysis import main as router_analysis
 from wise_cl.benchmarks.routing import routing_report
 from wise_cl.benchmarks.soak import main as soak
+from wise_cl.benchmarks.stream_costs import costs
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
 from wise_cl.cli import main as wise_cl
 from wise_cl.strategies.wise import WISE
@@ -106,6 +107,22 @@ def test_router_analysis_scores_routed_side_and_main_and_the_route_margins(tmp_p
     assert result["scores"]["main"]["locality"] == 1.0
     # no threshold: every sequence reaches the side memory, which holds the edits
     assert result["scores"]["side"]["reliability"] >= result["scores"]["main"]["reliability"]
+
+
+def test_stream_costs_add_the_memory_callbacks_to_each_edit_and_read_every_checkpoint_write(tmp_path):
+    shards = ["--model.strategy.edits_per_shard=1", "--model.strategy.shards_per_merge=2"]
+    metrics = run_chunk(Path("configs/zsre_wise.yaml"), "wise", 4, 0, tmp_path, TINY_WISE + shards)
+    result = costs(tmp_path / "tensorboard" / "wise" / "T4-chunk0", window=2)
+    assert result["edits"] == 4 and len(result["seconds_per_edit"]) == 4
+    # every edit's editing time plus what closing and merging its shards took, as the run counted them
+    total = metrics["edit_seconds_total"] + metrics["memory_seconds_total"]
+    assert sum(result["seconds_per_edit"]) == pytest.approx(total, rel=1e-4)
+    assert result["last_over_first"] == pytest.approx(
+        sum(result["seconds_per_edit"][2:]) / sum(result["seconds_per_edit"][:2])
+    )
+    # one checkpoint per edit (the config's EditCheckpoint), each logged with its size and write time
+    assert len(result["checkpoint_megabytes"]) == 4 and result["checkpoint_megabytes_max"] > 0
+    assert 0 < result["checkpoint_seconds_median"] <= result["checkpoint_seconds_max"]
 
 
 def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):

@@ -36,16 +36,19 @@ class MemoryLifecycle(Protocol):
 
 
 class MemoryCallback(Callback):
-    """Runs `after_edit` on the module's strategy after every training batch (experience), and adds
-    the time it takes to the module's `memory_seconds`. The module runs these callbacks before any
-    other, so whatever observes the model sees it after the memory's step."""
+    """Runs `after_edit` on the module's strategy after every training batch (experience), adds the
+    time it takes to the module's `memory_seconds` and logs it per experience (`memory_seconds/<callback>`).
+    The module runs these callbacks before any other, so whatever observes the model sees it after the
+    memory's step."""
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         start = time.perf_counter()
         self.after_edit(pl_module.strategy)
-        pl_module.memory_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        pl_module.memory_seconds += seconds
+        pl_module.log(f"memory_seconds/{type(self).__name__}", seconds, batch_size=len(batch))
 
     def after_edit(self, strategy: MemoryLifecycle) -> None:
         raise NotImplementedError
@@ -79,7 +82,9 @@ class EditCheckpoint(Checkpoint):
     """Save `last.ckpt` every `every_n_edits` edits, so a killed stream resumes without losing edits.
 
     Editing runs its own optimisation, so Lightning's global step (which `ModelCheckpoint` counts)
-    does not move; this callback counts edits instead. The file is replaced atomically.
+    does not move; this callback counts edits instead. The file is replaced atomically. Each write logs
+    its seconds (`checkpoint/seconds`, with the files written once beside it) and the size of
+    `last.ckpt` (`checkpoint/megabytes`).
     """
 
     def __init__(self, dirpath: str | None = None, every_n_edits: int = 1) -> None:
@@ -90,6 +95,7 @@ class EditCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if pl_module.edits_done % self.every_n_edits == 0 or pl_module.edits_done == len(pl_module.stream):
+            start = time.perf_counter()
             folder = Path(self.dirpath or Path(trainer.log_dir or ".") / "checkpoints")
             folder.mkdir(parents=True, exist_ok=True)
             partial = folder / "last.ckpt.partial"
@@ -99,6 +105,8 @@ class EditCheckpoint(Checkpoint):
             digest.write_text(file_sha256(partial) + "\n")
             os.replace(partial, folder / "last.ckpt")  # a kill between the two replaces leaves a mismatch:
             os.replace(digest, folder / "last.ckpt.sha256")  # refused on resume, never loaded half-written
+            pl_module.log("checkpoint/seconds", time.perf_counter() - start, batch_size=len(batch))
+            pl_module.log("checkpoint/megabytes", (folder / "last.ckpt").stat().st_size / 2**20, batch_size=len(batch))
 
 
 def request_scores(
