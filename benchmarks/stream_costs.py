@@ -4,10 +4,11 @@ python -m wise_cl.benchmarks.stream_costs runs/zsre_wise_retrieve/version_0 --wi
     --out benchmarks/results/stream_costs/zsre_retrieve_T1000
 
 Reads the TensorBoard scalars a `wise-cl fit` run logs at every edit (`s_per_edit`, `memory_seconds/*`,
-`checkpoint/seconds`, `checkpoint/megabytes`) and reports, per run, the median total seconds per edit,
-the mean over the first and the last `--window` edits and their ratio (flat costs: near 1), and the largest
-and median checkpoint write and `last.ckpt` size. Writes `costs.json`, `costs.md` and `costs.png`
-(total seconds per edit along the stream, and the checkpoint's size).
+`checkpoint/seconds`, `checkpoint/megabytes`, `peak_rss_megabytes`) and reports, per run, the median total
+seconds per edit, the mean over the first and the last `--window` edits and their ratio (flat costs: near 1),
+the largest and median checkpoint write and `last.ckpt` size, and the process's peak resident memory.
+Writes `costs.json`, `costs.md` and `costs.png` (total seconds per edit along the stream, and the checkpoint's
+size).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def costs(run: Path, window: int) -> dict:
         if values:
             result[f"checkpoint_{name}_max"] = max(values)
             result[f"checkpoint_{name}_median"] = statistics.median(values)
+    if "peak_rss_megabytes" in scalars:
+        result["peak_rss_megabytes"] = max(scalars["peak_rss_megabytes"].values())
     sizes = scalars.get("checkpoint/megabytes", {})
     result["checkpoint_megabytes"] = [sizes[step] for step in sorted(sizes)]
     return result
@@ -101,6 +104,7 @@ COLUMNS = {
     "last_over_first": "last / first",
     "checkpoint_seconds_max": "ckpt write max (s)",
     "checkpoint_megabytes_max": "last.ckpt max (MiB)",
+    "peak_rss_megabytes": "peak RSS (MiB)",
 }
 
 

@@ -123,6 +123,7 @@ def test_stream_costs_add_the_memory_callbacks_to_each_edit_and_read_every_check
     # one checkpoint per edit (the config's EditCheckpoint), each logged with its size and write time
     assert len(result["checkpoint_megabytes"]) == 4 and result["checkpoint_megabytes_max"] > 0
     assert 0 < result["checkpoint_seconds_median"] <= result["checkpoint_seconds_max"]
+    assert result["peak_rss_megabytes"] > 100  # torch and a model are loaded
 
 
 def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):

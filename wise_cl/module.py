@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -112,6 +113,8 @@ class EditingModule(L.LightningModule):
         self.log_dict({f"edit/{k}": float(v) for k, v in stats.items()}, batch_size=len(batch))
         self.log("s_per_edit", seconds, prog_bar=True, batch_size=len(batch))
         self.log("edits", float(self.edits_done), prog_bar=True, batch_size=len(batch))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak so far (Linux: KiB)
+        self.log("peak_rss_megabytes", peak, batch_size=len(batch))
 
     def on_test_epoch_start(self) -> None:
         self.ensure_locality_reference()
