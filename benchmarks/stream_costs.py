@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from wise_cl.benchmarks.compare import markdown_table
+from wise_cl.plotting import plot_stream_costs
 from wise_cl.provenance import code_version
 
 
@@ -65,35 +66,14 @@ def costs(run: Path, window: int) -> dict:
         "seconds_per_edit": seconds,
     }
     for name in ("seconds", "megabytes"):
-        values = list(scalars.get(f"checkpoint/{name}", {}).values())
-        if values:
-            result[f"checkpoint_{name}_max"] = max(values)
-            result[f"checkpoint_{name}_median"] = statistics.median(values)
+        by_step = scalars.get(f"checkpoint/{name}", {})
+        result[f"checkpoint_{name}"] = [by_step[step] for step in sorted(by_step)]
+        if by_step:
+            result[f"checkpoint_{name}_max"] = max(by_step.values())
+            result[f"checkpoint_{name}_median"] = statistics.median(by_step.values())
     if "peak_rss_megabytes" in scalars:
         result["peak_rss_megabytes"] = max(scalars["peak_rss_megabytes"].values())
-    sizes = scalars.get("checkpoint/megabytes", {})
-    result["checkpoint_megabytes"] = [sizes[step] for step in sorted(sizes)]
     return result
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from wise_cl.plotting import save
-
-    fig, (time_ax, size_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for result in results:
-        name = Path(result["run"]).name
-        time_ax.plot(range(1, result["edits"] + 1), result["seconds_per_edit"], linewidth=0.8, label=name)
-        size_ax.plot(range(1, len(result["checkpoint_megabytes"]) + 1), result["checkpoint_megabytes"], label=name)
-    time_ax.set(title="seconds per edit (editing + memory)", xlabel="edit", yscale="log")
-    size_ax.set(title="last.ckpt (MiB)", xlabel="checkpoint write")
-    for ax in (time_ax, size_ax):
-        ax.grid(alpha=0.3)
-    save(fig, path)
 
 
 COLUMNS = {
@@ -123,7 +103,8 @@ def main() -> None:
     (args.out / "costs.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown_table(results, {"run": "run"}, COLUMNS)
     (args.out / "costs.md").write_text(f"`{command}`\n\n{table}")
-    plot(results, args.out / "costs.png")
+    series = {Path(r["run"]).name: (r["seconds_per_edit"], r["checkpoint_megabytes"]) for r in results}
+    plot_stream_costs(series, args.out / "costs.png")
     print(table)
 
 

@@ -1,4 +1,4 @@
-"""Forgetting curves as a picture: one panel per metric, one line per run."""
+"""The project's figures: forgetting curves, route-margin histograms and a stream's costs, drawn to files."""
 
 from __future__ import annotations
 
@@ -6,16 +6,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from matplotlib.figure import Figure
 
 
-def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
-    """One panel per metric, one line per run, edits seen on the x axis (perplexity on a log scale)."""
+def pyplot() -> ModuleType:
+    """`matplotlib.pyplot` drawing to files only (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """One panel per metric, one line per run, edits seen on the x axis (perplexity on a log scale)."""
+    plt = pyplot()
     metrics = [
         m
         for m in ("reliability", "generalization", "ood_generalization", "locality", "forgetting", "perplexity")
@@ -40,17 +48,13 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
 def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabel: str, line_at: float) -> None:
     """One panel per entry of `panels`, one histogram per named set of positive values (log x axis), and a
     vertical line at `line_at`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.ticker import NullFormatter
 
     values = [v for sets in panels.values() for vs in sets.values() for v in vs if v > 0]
     low, high = min([*values, line_at]) / 1.5, max([*values, line_at]) * 1.5
     bins = np.geomspace(low, high, 40)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (title, sets) in zip(axes[0], panels.items(), strict=True):
         for name, vs in sets.items():
             ax.hist(np.clip(vs, low, high), bins=bins, alpha=0.5, label=name)
@@ -63,10 +67,23 @@ def plot_histograms(panels: dict[str, dict[str, list[float]]], path: Path, xlabe
     save(fig, path)
 
 
+def plot_stream_costs(runs: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
+    """Per run (name -> seconds per edit, `last.ckpt` size per write): seconds along the stream (log scale)
+    and the checkpoint's size along its writes."""
+    fig, (time_ax, size_ax) = pyplot().subplots(1, 2, figsize=(9, 3.2))
+    for name, (seconds, sizes) in runs.items():
+        time_ax.plot(range(1, len(seconds) + 1), seconds, linewidth=0.8, label=name)
+        size_ax.plot(range(1, len(sizes) + 1), sizes, label=name)
+    time_ax.set(title="seconds per edit (editing + memory)", xlabel="edit", yscale="log")
+    size_ax.set(title="last.ckpt (MiB)", xlabel="checkpoint write")
+    for ax in (time_ax, size_ax):
+        ax.grid(alpha=0.3)
+    save(fig, path)
+
+
 def save(fig: Figure, path: Path) -> None:
     """Legend on the first panel, then the figure to `path` (folders made) and closed."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig.axes[0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
