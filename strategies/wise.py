@@ -98,6 +98,10 @@ class WISE(LinearEditStrategy):
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
+        rival_margin: WISE-Retrieve: each plain edit row is also trained to score this much above the highest
+            score a frozen memory gives it. A frozen memory never sees later edits, and one that responds to a new
+            edit more than the new memory does takes its route (the highest score wins); this is the other side of
+            `replay` (0: off, as in the paper).
         rehearse_shard: each edit also trains on the plain prompts of the open shard's earlier edits, so the
             shard's edits do not overwrite each other (False: as in the paper).
         consolidate_steps: when a shard is full, train it this many more steps on all its edits together
@@ -160,6 +164,7 @@ class WISE(LinearEditStrategy):
         negative_subjects: str = "bundled",
         retrieve: bool = False,
         replay: int = 0,
+        rival_margin: float = 0.0,
         rehearse_shard: bool = False,
         consolidate_steps: int = 0,
         rescore_on_merge: bool = False,
@@ -191,6 +196,7 @@ class WISE(LinearEditStrategy):
             "weight_bound": weight_bound,
             "early_stop_loss": early_stop_loss,
             "replay": replay,
+            "rival_margin": rival_margin,
             "consolidate_steps": consolidate_steps,
             "merge_consolidate_steps": merge_consolidate_steps,
             "merge_retrain_edits": merge_retrain_edits,
@@ -219,6 +225,7 @@ class WISE(LinearEditStrategy):
         self.negative_subjects = negative_subjects
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
+        self.rival_margin = rival_margin
         self.rehearse_shard = rehearse_shard
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
         self.merge_retrain_edits = merge_retrain_edits
@@ -332,7 +339,9 @@ class WISE(LinearEditStrategy):
         """Train `tau` (default the open shard's, in its mask) on `edits` together, plain prompts only;
         the steps taken and the edits' scores afterwards."""
         indices, prompts, targets = (list(column) for column in zip(*edits, strict=True))
-        stats, scores = self._train(prompts, targets, [0] * len(prompts), indices, n_iter, tau, mask)
+        # no memo: its score-only rows (every edit's irrelevant texts and negatives) would not come back,
+        # and the memo would keep them in the next checkpoint
+        stats, scores = self._train(prompts, targets, [0] * len(prompts), indices, n_iter, tau, mask, use_memo=False)
         return stats["steps"], scores
 
     def _train(
@@ -344,10 +353,12 @@ class WISE(LinearEditStrategy):
         n_iter: int,
         tau: Tensor | None = None,
         mask: Tensor | None = None,
+        use_memo: bool = True,
     ) -> tuple[dict[str, float], Tensor]:
         """Train `tau` (default the open shard's, in its mask) on the edit rows (prompt -> target) against
-        the irrelevant samples of `indices` and the replayed prompts; the loop's statistics and the edit
-        rows' scores afterwards."""
+        the irrelevant samples of `indices` and the replayed prompts, and (`rival_margin`) the plain rows
+        above the frozen memories; the loop's statistics and the edit rows' scores afterwards. `use_memo`:
+        reuse score-only rows' activations from the strategy's memo and leave this call's there."""
         tau, mask = (self.memory.tau, self.memory.mask) if tau is None else (tau, mask)
         n = self.num_irrelevant
         irrelevant = [self.irrelevant[(i * n + j) % len(self.irrelevant)] for i in indices for j in range(n)]
@@ -360,12 +371,16 @@ class WISE(LinearEditStrategy):
         if not self.score_context:
             for row, length in enumerate(context_lengths):
                 score_mask[row, :length] = 0
-        forward = self._forward(rows, score_mask, self.activation_memo)
+        forward = self._forward(rows, score_mask, self.activation_memo if use_memo else None)
         n_edit = len(prompts)
+        plain = [row for row, length in enumerate(context_lengths) if length == 0]
+        rivals = self.rival_scores([prompts[r] for r in plain], [targets[r] for r in plain])
 
         def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
             edit_loss = edit_nll(logits, rows, n_edit).mean()
             act_loss = self.activation_loss(scores[:n_edit], scores[n_edit:])
+            if rivals is not None:
+                act_loss = act_loss + F.relu(rivals + self.rival_margin - scores[plain]).mean()
             loss = edit_loss + self.act_loss_weight * act_loss
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 
@@ -387,15 +402,27 @@ class WISE(LinearEditStrategy):
             forward = FullForward(self.model, self.adapter, rows, score_mask)
         return forward if self.basis is None else ProjectedForward(forward, self.basis)
 
-    @torch.no_grad()
-    def edit_scores(self, tau: Tensor, edits: list[Edit], batch_size: int = 32) -> Tensor:
+    def edit_scores(self, tau: Tensor, edits: list[Edit]) -> Tensor:
         """The activation score of each edit (index, prompt, target) under `tau`."""
+        _, prompts, targets = zip(*edits, strict=True)
+        return self.row_scores([tau], list(prompts), list(targets))[0]
+
+    def rival_scores(self, prompts: list[str], targets: list[str]) -> Tensor | None:
+        """The highest score a frozen memory gives each row (None when `rival_margin` is off or none is frozen)."""
+        if not self.rival_margin or not self.memory.frozen or not prompts:
+            return None
+        return self.row_scores([memory.tau for memory in self.memory.frozen], prompts, targets).amax(0)
+
+    @torch.no_grad()
+    def row_scores(self, taus: list[Tensor], prompts: list[str], targets: list[str], batch_size: int = 32) -> Tensor:
+        """The activation score of each (prompt, target) row under each task vector, [taus, rows]."""
         scores = []
-        for start in range(0, len(edits), batch_size):
-            _, prompts, targets = zip(*edits[start : start + batch_size], strict=True)
-            rows = teacher_forced_batch(self.tokenizer, list(prompts), list(targets)).to(self.model.device)
-            scores.append(self._forward(rows, self.score_mask(rows)).scores(tau))
-        return torch.cat(scores)
+        for start in range(0, len(prompts), batch_size):
+            part = slice(start, start + batch_size)
+            rows = teacher_forced_batch(self.tokenizer, prompts[part], targets[part]).to(self.model.device)
+            forward = self._forward(rows, self.score_mask(rows))
+            scores.append(torch.stack([forward.scores(tau) for tau in taus]))
+        return torch.cat(scores, dim=1)
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""

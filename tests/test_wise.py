@@ -263,6 +263,7 @@ def test_wise_routing_on_the_prompt_routes_teacher_forcing_and_generation_alike(
         ("act_loss_weight", -0.1, "at least 0"),
         ("early_stop_loss", -1.0, "at least 0"),
         ("replay", -1, "at least 0"),
+        ("rival_margin", -1, "at least 0"),
         ("consolidate_steps", -1, "at least 0"),
         ("merge_consolidate_steps", -1, "at least 0"),
         ("merge_retrain_edits", -1, "at least 0"),
@@ -553,6 +554,24 @@ def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit
     assert len(strategy.adapter.taus) == 2
 
 
+@pytest.mark.parametrize("rival_margin", [0.0, 5.0])
+def test_rival_margin_keeps_a_frozen_memory_from_taking_a_later_edits_route(tiny, zsre10, rival_margin):
+    requests = zsre10[:4]
+    strategy = small_wise(retrieve=True, replay=3, edits_per_shard=1, shards_per_merge=1, rival_margin=rival_margin)
+    strategy.prepare(*tiny)
+    edit_requests(strategy, requests, lifecycle=True)
+    taus = [memory.tau for memory in strategy.memory.frozen]
+    scores = strategy.row_scores(taus, [r.prompt for r in requests], [r.target for r in requests])  # [memory, edit]
+    holders = scores.argmax(0).tolist()
+    if rival_margin:  # each edit's own memory outscores every memory frozen before it, so it wins the route
+        rival = strategy.rival_scores([requests[0].prompt], [requests[0].target])
+        assert rival.item() == pytest.approx(scores[:, 0].max().item(), rel=1e-5)
+        assert holders == [0, 1, 2, 3]
+        assert all(scores[i, i] > scores[:i, i].max() for i in range(1, 4))
+    else:  # the first memory responds to later edits more than their own memories do
+        assert holders != [0, 1, 2, 3]
+
+
 def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_threshold(tiny, zsre10, edit_prompts):
     model, tokenizer = tiny
     requests = zsre10[:2]
@@ -572,6 +591,14 @@ def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_thr
     assert torch.all(strategy.memory.tau.detach()[strategy.memory.mask == 0] == 0)
     strategy.close_shard()
     assert strategy.memory.shard_edits == [] and strategy.memory.closed_min_score == strategy.memory.min_score
+
+
+def test_consolidation_leaves_the_activation_memo_with_the_last_edits_rows(tiny, zsre10):
+    strategy = small_wise(consolidate_steps=2, n_iter=2, num_irrelevant=2)
+    strategy.prepare(*tiny)
+    edit_requests(strategy, zsre10[:2])  # the second edit fills the shard and consolidates it
+    kept = {strategy.tokenizer.decode(key, skip_special_tokens=True) for key in strategy.activation_memo}
+    assert kept == set(strategy.irrelevant[2:4])  # the second edit's irrelevant texts, not the first's
 
 
 def test_rehearse_shard_retrains_the_open_shards_earlier_edits_with_each_edit(tiny, zsre10, edit_prompts):
