@@ -27,11 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from wise_cl.benchmarks.compare import COST, LOWER_IS_BETTER, QUALITY, markdown_table, run_fit
-from wise_cl.benchmarks.routing import routing_report
+from wise_cl.benchmarks.routing import routing_report, taken_by_other_memories
 from wise_cl.plotting import plot_curves
 from wise_cl.provenance import code_version
 
-ROUTING = {"forced_reliability": "forced Rel", "routed_to_holder": "routed to holder"}  # with --routing
+# with --routing
+ROUTING = {
+    "forced_reliability": "forced Rel",
+    "routed_to_holder": "routed to holder",
+    "to_older_memory": "to an older memory",
+}
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,8 @@ def single_edit_streams(count: int) -> list[Stream]:
 
 def routing_columns(folder: Path) -> dict[str, Any]:
     """From the run's routing report (made once, kept as routing.json): reliability when every edit is answered
-    by the memory that holds it, and the shares of edit prompts and rephrasings routed to that memory."""
+    by the memory that holds it, the shares of edit prompts and rephrasings routed to that memory, and the share
+    of edit prompts taken by a memory frozen before it."""
     path = folder / "routing.json"
     if not path.exists():
         report = routing_report(folder)
@@ -85,6 +91,7 @@ def routing_columns(folder: Path) -> dict[str, Any]:
         "routed_to_holder": row.get("reliability_routed_to_holder"),
         "rephrase_routed_to_holder": row.get("generalization_routed_to_holder"),
         "locality_routed": row.get("locality_routed"),
+        **taken_by_other_memories(row.get("reliability_per_request", [])),
     }
 
 

@@ -135,6 +135,17 @@ def per_request(scores: Tensor, thresholds: Tensor, routes: Tensor, holder: Tens
     return rows
 
 
+def taken_by_other_memories(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """From `per_request` rows: the shares of requests routed to a memory other than the one holding them,
+    frozen before it (`older`) or after it (`newer`); memories are numbered in the order they were made."""
+    taken = [row for row in rows if "holder" in row and row["routed"] not in (MAIN, row["holder"])]
+    count = max(len(rows), 1)
+    return {
+        "to_older_memory": sum(row["routed"] < row["holder"] for row in taken) / count,
+        "to_newer_memory": sum(row["routed"] > row["holder"] for row in taken) / count,
+    }
+
+
 def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[str, Any]:
     """The routing report of a finished run under each act_ratio (default: the run's own)."""
     strategy, requests, reference = load_run(folder)
@@ -162,6 +173,9 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
             if holder is not None and name != "locality":
                 row[f"{name}_routed_to_holder"] = float((index == holder).float().mean())
             row[f"{name}_per_request"] = per_request(scores[name], thresholds, index, holder)
+            if holder is not None and name != "locality":
+                shares = taken_by_other_memories(row[f"{name}_per_request"])
+                row |= {f"{name}_{key}": value for key, value in shares.items()}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if isinstance(v, str | float)}), flush=True)
     return report | {"act_ratio": rows}

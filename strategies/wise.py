@@ -98,10 +98,11 @@ class WISE(LinearEditStrategy):
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
-        rival_margin: WISE-Retrieve: each plain edit row is also trained to score this much above the highest
-            score a frozen memory gives it. A frozen memory never sees later edits, and one that responds to a new
-            edit more than the new memory does takes its route (the highest score wins); this is the other side of
-            `replay` (0: off, as in the paper).
+        rival_margin: WISE-Retrieve: the highest score wins the route, so each plain edit row is also trained to
+            score this much above the highest score a frozen memory gives it, and each replayed prompt this much
+            below it. A frozen memory never sees later edits, and one that responds to a new edit more than the new
+            memory does would take its route, as would a new memory that responds to a replayed edit more than its
+            own memory does (0: off, as in the paper).
         rehearse_shard: each edit also trains on the plain prompts of the open shard's earlier edits, so the
             shard's edits do not overwrite each other (False: as in the paper).
         consolidate_steps: when a shard is full, train it this many more steps on all its edits together
@@ -357,13 +358,15 @@ class WISE(LinearEditStrategy):
     ) -> tuple[dict[str, float], Tensor]:
         """Train `tau` (default the open shard's, in its mask) on the edit rows (prompt -> target) against
         the irrelevant samples of `indices` and the replayed prompts, and (`rival_margin`) the plain rows
-        above the frozen memories; the loop's statistics and the edit rows' scores afterwards. `use_memo`:
-        reuse score-only rows' activations from the strategy's memo and leave this call's there."""
+        above and the replayed rows below the frozen memories' best score; the loop's statistics and the edit
+        rows' scores afterwards. `use_memo`: reuse score-only rows' activations from the strategy's memo and
+        leave this call's there."""
         tau, mask = (self.memory.tau, self.memory.mask) if tau is None else (tau, mask)
         n = self.num_irrelevant
         irrelevant = [self.irrelevant[(i * n + j) % len(self.irrelevant)] for i in indices for j in range(n)]
         irrelevant += [negative for i in indices for negative in self.negatives.get(i, [])]
-        irrelevant += self.memory.replay_prompts[-self.replay :] if self.replay else []
+        replayed = self.memory.replay_prompts[-self.replay :] if self.replay else []
+        irrelevant += replayed
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
         )
@@ -374,13 +377,17 @@ class WISE(LinearEditStrategy):
         forward = self._forward(rows, score_mask, self.activation_memo if use_memo else None)
         n_edit = len(prompts)
         plain = [row for row, length in enumerate(context_lengths) if length == 0]
-        rivals = self.rival_scores([prompts[r] for r in plain], [targets[r] for r in plain])
+        rival_rows = plain + list(range(len(rows.input_ids) - len(replayed), len(rows.input_ids)))
+        sign = torch.tensor([1.0] * len(plain) + [-1.0] * len(replayed), device=self.model.device)
+        rivals = self.rival_scores(
+            [prompts[r] for r in plain] + replayed, [targets[r] for r in plain] + [""] * len(replayed)
+        )
 
         def loss_fn(logits: Tensor, scores: Tensor) -> dict[str, Tensor]:
             edit_loss = edit_nll(logits, rows, n_edit).mean()
             act_loss = self.activation_loss(scores[:n_edit], scores[n_edit:])
-            if rivals is not None:
-                act_loss = act_loss + F.relu(rivals + self.rival_margin - scores[plain]).mean()
+            if rivals is not None:  # edit rows above the frozen memories' best score, replayed rows below it
+                act_loss = act_loss + F.relu(sign * (rivals - scores[rival_rows]) + self.rival_margin).mean()
             loss = edit_loss + self.act_loss_weight * act_loss
             return {"loss": loss, "edit_loss": edit_loss, "act_loss": act_loss}
 

@@ -11,7 +11,7 @@ from wise_cl.benchmarks.edit_speed import timed_stream
 from wise_cl.benchmarks.inference_overhead import inference_overhead, markdown
 from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
 from wise_cl.benchmarks.router_analysis import main as router_analysis
-from wise_cl.benchmarks.routing import routing_report
+from wise_cl.benchmarks.routing import routing_report, taken_by_other_memories
 from wise_cl.benchmarks.soak import main as soak
 from wise_cl.benchmarks.stream_costs import costs
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
@@ -87,6 +87,14 @@ def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path)
     assert closed["locality"] == 1.0 and len(closed["thresholds"]) == 3
     assert open_gate["locality_over_threshold_per_memory"] == [1.0] * 3
     assert closed["reliability_over_threshold_per_memory"] == [0.0] * 3
+    # with every request routed, those that miss their memory went to an older or a newer one
+    taken = open_gate["reliability_to_older_memory"] + open_gate["reliability_to_newer_memory"]
+    assert taken == pytest.approx(1 - open_gate["reliability_routed_to_holder"])
+
+
+def test_requests_taken_by_other_memories_are_counted_by_the_taking_memorys_age():
+    rows = [{"routed": routed, "holder": 1} for routed in (0, 2, -1, 1)]
+    assert taken_by_other_memories(rows) == {"to_older_memory": 0.25, "to_newer_memory": 0.25}
 
 
 def test_router_analysis_scores_routed_side_and_main_and_the_route_margins(tmp_path, monkeypatch):
@@ -146,13 +154,16 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     header = next(line for line in lines if line.startswith("| stream |"))
     # the scores these runs have (no free generation here) and no column that every row lacks (the curve's
     # lowest reliability from edit 20 on, in 3-edit streams)
-    assert header == "| stream | Rel. | Gen. | Loc. | PPL | s/edit | Rel@3 | Loc@3 | forced Rel | routed to holder |"
+    assert header == (
+        "| stream | Rel. | Gen. | Loc. | PPL | s/edit | Rel@3 | Loc@3 | forced Rel | routed to holder"
+        " | to an older memory |"
+    )
     assert all(line.count("|") == header.count("|") for line in lines if line.startswith("| zsre_train_0_T3 |"))
     assert len(result["single_edits"]["rows"]) == 2 and result["commit"]
     assert all(r["commit"] not in ("", "unknown") for r in rows)
     assert (tmp_path / "curves.png").stat().st_size > 0
     text = (tmp_path / "results.md").read_text()
-    assert "### single edits (2)" in text and "| forced Rel | routed to holder |" in text
+    assert "### single edits (2)" in text and "| forced Rel | routed to holder | to an older memory |" in text
     with pytest.raises(SystemExit, match="DATA:START:NUM_EDITS"):
         Stream.parse("zsre:200")
 

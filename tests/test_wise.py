@@ -554,22 +554,25 @@ def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit
     assert len(strategy.adapter.taus) == 2
 
 
-@pytest.mark.parametrize("rival_margin", [0.0, 5.0])
-def test_rival_margin_keeps_a_frozen_memory_from_taking_a_later_edits_route(tiny, zsre10, rival_margin):
-    requests = zsre10[:4]
-    strategy = small_wise(retrieve=True, replay=3, edits_per_shard=1, shards_per_merge=1, rival_margin=rival_margin)
+@pytest.mark.parametrize(("rival_margin", "replay"), [(0.0, 2), (5.0, 0), (5.0, 2)])
+def test_rival_margin_gives_each_edit_the_route_of_the_memory_holding_it(tiny, zsre10, rival_margin, replay):
+    requests = zsre10[:3]
+    strategy = small_wise(
+        retrieve=True, edits_per_shard=1, shards_per_merge=1, rival_margin=rival_margin, replay=replay
+    )
     strategy.prepare(*tiny)
     edit_requests(strategy, requests, lifecycle=True)
     taus = [memory.tau for memory in strategy.memory.frozen]
     scores = strategy.row_scores(taus, [r.prompt for r in requests], [r.target for r in requests])  # [memory, edit]
     holders = scores.argmax(0).tolist()
-    if rival_margin:  # each edit's own memory outscores every memory frozen before it, so it wins the route
+    if rival_margin and replay:  # each memory outscores the older ones on its edit and stays under its replayed ones
+        assert holders == [0, 1, 2]
         rival = strategy.rival_scores([requests[0].prompt], [requests[0].target])
         assert rival.item() == pytest.approx(scores[:, 0].max().item(), rel=1e-5)
-        assert holders == [0, 1, 2, 3]
-        assert all(scores[i, i] > scores[:i, i].max() for i in range(1, 4))
-    else:  # the first memory responds to later edits more than their own memories do
-        assert holders != [0, 1, 2, 3]
+    elif rival_margin:  # above the older memories, but nothing keeps a newer memory under an older edit
+        assert holders[1:] == [1, 2] and holders[0] != 0
+    else:  # replay alone: the first memory responds to the later edits more than their own memories do
+        assert holders[0] == 0 and holders[1:] != [1, 2]
 
 
 def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_threshold(tiny, zsre10, edit_prompts):
