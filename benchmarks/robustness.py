@@ -37,6 +37,7 @@ ROUTING = {
     "routed_to_holder": "routed to holder",
     "to_older_memory": "to an older memory",
 }
+WORST_IS_HIGHEST = LOWER_IS_BETTER | {"to_older_memory", "to_newer_memory"}
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,15 @@ def stream_row(
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and worst (lowest score; highest cost or perplexity) of every numeric column over the streams."""
+    """Mean and worst (lowest score; highest cost, perplexity or share of edits taken by another memory) of every
+    numeric column over the streams."""
     keys = [k for k in rows[0] if k not in ("stream", "data", "start", "T", "commit")]
     summary: dict[str, dict[str, float]] = {"mean": {}, "worst": {}}
     for key in keys:
         values = [row[key] for row in rows if isinstance(row.get(key), int | float)]
         if values:
             summary["mean"][key] = statistics.fmean(values)
-            summary["worst"][key] = max(values) if key in LOWER_IS_BETTER else min(values)
+            summary["worst"][key] = max(values) if key in WORST_IS_HIGHEST else min(values)
     return summary
 
 

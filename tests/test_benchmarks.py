@@ -9,7 +9,7 @@ from wise_cl.benchmarks.activation_overlap import mean_activations, overlap
 from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import timed_stream
 from wise_cl.benchmarks.inference_overhead import inference_overhead, markdown
-from wise_cl.benchmarks.robustness import Stream, robustness, single_edit_streams
+from wise_cl.benchmarks.robustness import Stream, aggregate, robustness, single_edit_streams
 from wise_cl.benchmarks.router_analysis import main as router_analysis
 from wise_cl.benchmarks.routing import routing_report, taken_by_other_memories
 from wise_cl.benchmarks.soak import main as soak
@@ -132,6 +132,16 @@ def test_stream_costs_add_the_memory_callbacks_to_each_edit_and_read_every_check
     assert len(result["checkpoint_megabytes"]) == 4 and result["checkpoint_megabytes_max"] > 0
     assert 0 < result["checkpoint_seconds_median"] <= result["checkpoint_seconds_max"]
     assert result["peak_rss_megabytes"] > 100  # torch and a model are loaded
+
+
+def test_the_worst_stream_is_the_one_whose_edits_other_memories_take_most():
+    rows = [
+        {"stream": "a", "reliability": 0.9, "to_older_memory": 0.1},
+        {"stream": "b", "reliability": 0.8, "to_older_memory": 0.0},
+    ]
+    summary = aggregate(rows)
+    assert summary["worst"] == {"reliability": 0.8, "to_older_memory": 0.1}
+    assert summary["mean"]["to_older_memory"] == pytest.approx(0.05)
 
 
 def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
