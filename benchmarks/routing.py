@@ -170,10 +170,9 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
             row[f"{name}_routed"] = float(routed.float().mean())
             # whether or not another memory scores higher
             row[f"{name}_over_threshold_per_memory"] = [round(float(x), 3) for x in over(scores[name], thresholds)]
-            if holder is not None and name != "locality":
-                row[f"{name}_routed_to_holder"] = float((index == holder).float().mean())
             row[f"{name}_per_request"] = per_request(scores[name], thresholds, index, holder)
             if holder is not None and name != "locality":
+                row[f"{name}_routed_to_holder"] = float((index == holder).float().mean())
                 shares = taken_by_other_memories(row[f"{name}_per_request"])
                 row |= {f"{name}_{key}": value for key, value in shares.items()}
         rows.append(row)
