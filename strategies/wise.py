@@ -265,6 +265,8 @@ class WISE(LinearEditStrategy):
         self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
         self.negatives: dict[int, list[str]] = {}  # subject-swapped prompts of the current memory's edits
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
+        # (prompt, target) -> the frozen memories' best score, until a spawn freezes another memory
+        self.rival_memo: dict[tuple[str, str], float] = {}
 
     def save_side_memories(self, path: str | Path) -> None:
         """Write the serving side memories alone (safetensors); see `load_side_memories`."""
@@ -416,9 +418,16 @@ class WISE(LinearEditStrategy):
 
     def rival_scores(self, prompts: list[str], targets: list[str]) -> Tensor | None:
         """The highest score a frozen memory gives each row (None when `rival_margin` is off or none is frozen)."""
-        if not self.rival_margin or not self.memory.frozen or not prompts:
+        frozen = self.memory.frozen
+        if not self.rival_margin or not frozen or not prompts:
             return None
-        return self.row_scores([memory.tau for memory in self.memory.frozen], prompts, targets).amax(0)
+        rows = list(zip(prompts, targets, strict=True))
+        missing = list(dict.fromkeys(row for row in rows if row not in self.rival_memo))
+        if missing:  # replayed and rehearsed rows come back every edit until the next spawn
+            new_prompts, new_targets = (list(column) for column in zip(*missing, strict=True))
+            scores = self.row_scores([memory.tau for memory in frozen], new_prompts, new_targets).amax(0)
+            self.rival_memo.update(zip(missing, scores.tolist(), strict=True))
+        return torch.tensor([self.rival_memo[row] for row in rows], device=self.model.device)
 
     @torch.no_grad()
     def row_scores(self, taus: list[Tensor], prompts: list[str], targets: list[str], batch_size: int = 32) -> Tensor:
@@ -491,7 +500,7 @@ class WISE(LinearEditStrategy):
         if self.memory.merged is None:
             return
         self.memory.spawn()
-        self.negatives = {}
+        self.negatives, self.rival_memo = {}, {}
         self.publish()
 
     def threshold_floor(self, tau: Tensor) -> float:
@@ -532,6 +541,7 @@ class WISE(LinearEditStrategy):
             "contexts": list(self.contexts),
             "negatives": dict(self.negatives),
             "activation_memo": memo,
+            "rival_memo": [[*row, score] for row, score in self.rival_memo.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -539,6 +549,7 @@ class WISE(LinearEditStrategy):
         self.contexts = list(state["contexts"])
         self.negatives = dict(state["negatives"])
         self.activation_memo = {tuple(tokens): activation for tokens, activation in state.get("activation_memo", [])}
+        self.rival_memo = {(prompt, target): score for prompt, target, score in state.get("rival_memo", [])}
         self.publish()
 
 

@@ -575,6 +575,27 @@ def test_rival_margin_gives_each_edit_the_route_of_the_memory_holding_it(tiny, z
         assert holders[0] == 0 and holders[1:] != [1, 2]
 
 
+def test_rival_scores_are_computed_once_per_row_until_a_spawn(tiny, zsre10, monkeypatch):
+    strategy = small_wise(retrieve=True, edits_per_shard=1, shards_per_merge=1, rival_margin=5.0, replay=2)
+    strategy.prepare(*tiny)
+    edit_requests(strategy, zsre10[:2], lifecycle=True)
+    computed: list[list[str]] = []
+    row_scores = strategy.row_scores
+    monkeypatch.setattr(strategy, "row_scores", lambda taus, p, t: computed.append(p) or row_scores(taus, p, t))
+    prompts, targets = [r.prompt for r in zsre10[2:5]], [r.target for r in zsre10[2:5]]
+    first = strategy.rival_scores(prompts[:2], targets[:2])
+    again = strategy.rival_scores(prompts, targets)
+    assert computed == [prompts[:2], prompts[2:]]  # only the row not seen since the spawn is scored again
+    fresh = row_scores([memory.tau for memory in strategy.memory.frozen], prompts, targets).amax(0)
+    assert torch.allclose(again, fresh, rtol=1e-5) and torch.equal(again[:2], first)
+    restored = small_wise(retrieve=True, edits_per_shard=1, shards_per_merge=1, rival_margin=5.0, replay=2)
+    restored.prepare(*tiny)
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.rival_memo == strategy.rival_memo  # a resumed run trains against the same constants
+    edit_requests(strategy, zsre10[2:3], start=2, lifecycle=True)  # its spawn freezes a third memory
+    assert strategy.rival_memo == {} and len(strategy.memory.frozen) == 3
+
+
 def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_threshold(tiny, zsre10, edit_prompts):
     model, tokenizer = tiny
     requests = zsre10[:2]
