@@ -30,11 +30,11 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
         if any(m in h[0] for h in histories.values())
     ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    colors = plt.get_cmap("tab20" if len(histories) > 10 else "tab10").colors  # one color per run
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for name, history in histories.items():
-            ax.plot(
-                [p["edits"] for p in history], [p.get(metric, float("nan")) for p in history], marker="o", label=name
-            )
+        for (name, history), color in zip(histories.items(), colors * len(histories), strict=False):
+            edits, values = [p["edits"] for p in history], [p.get(metric, float("nan")) for p in history]
+            ax.plot(edits, values, marker="o", label=name, color=color)
         ax.set_title(metric)
         ax.set_xlabel("edits seen")
         if metric == "perplexity":  # of the targets, lower is better
@@ -82,10 +82,10 @@ def plot_stream_costs(runs: dict[str, tuple[list[float], list[float]]], path: Pa
 
 
 def save(fig: Figure, path: Path) -> None:
-    """Legend on the first panel, then the figure to `path` (folders made) and closed."""
+    """Legend right of the panels, then the figure to `path` (folders made) and closed."""
     plt = pyplot()
-    fig.axes[0].legend()
     fig.tight_layout()
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
