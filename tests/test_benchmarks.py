@@ -1,3 +1,4 @@
+import cProfile
 import json
 from pathlib import Path
 
@@ -7,7 +8,7 @@ from conftest import TINY_LAYER, TINY_WISE
 
 from wise_cl.benchmarks.activation_overlap import mean_activations, overlap
 from wise_cl.benchmarks.compare import compare, run_chunk
-from wise_cl.benchmarks.edit_speed import timed_stream
+from wise_cl.benchmarks.edit_speed import time_by_function, timed_stream
 from wise_cl.benchmarks.inference_overhead import inference_overhead, markdown
 from wise_cl.benchmarks.robustness import Stream, aggregate, robustness, single_edit_streams
 from wise_cl.benchmarks.router_analysis import main as router_analysis
@@ -69,6 +70,17 @@ def test_edit_speed_times_the_plain_loop_on_the_same_edits_without_changing_the_
     assert [p["loss"] for p in plain] == pytest.approx([cached[0]["loss"], cached[2]["loss"]], rel=1e-4)
     assert [c["loss"] for c in cached] == [c["loss"] for c in alone]
     assert all(e["seconds"] > 0 for e in cached + plain)
+
+
+def test_edit_speed_profiles_the_later_edits_by_function(zsre10):
+    settings = dict(layer=TINY_LAYER, n_iter=2, num_context=1, context_length=3, edits_per_shard=1, shards_per_merge=1)
+    profiler = cProfile.Profile()
+    cached, plain = timed_stream("tiny", settings, zsre10[:3], plain_every=0, profiler=profiler, profile_from=1)
+    seconds = time_by_function(profiler, edits=2, top=500)
+    assert len(cached) == 3 and plain == []
+    edit = next(name for name in seconds if name.startswith("strategies/wise.py") and name.endswith("(edit)"))
+    merge = next(name for name in seconds if name.endswith("(merge)"))  # the callbacks are profiled too
+    assert seconds[merge] > 0 and 0 < seconds[edit] <= max(e["seconds"] for e in cached[1:])
 
 
 def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path):
