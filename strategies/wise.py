@@ -95,6 +95,10 @@ class WISE(LinearEditStrategy):
             the paper); they act only with a stronger `act_loss_weight`.
         negative_subjects: JSON list of the subjects swapped in (`bundled`: 1000 CounterFact subjects that no
             bundled edit request has); subjects of the stream's own edits would make a negative of another edit.
+        negative_choice: which of them an edit swaps in: `random` (seeded per edit) or `nearest`, those whose
+            representation (the edited layer's input at the subject's last token, read alone, blind to the shared
+            directions) is closest in cosine to the edit subject's: subjects of the same kind, such as another
+            city for a city, are the prompts of the same relation a memory must still refuse.
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
@@ -163,6 +167,7 @@ class WISE(LinearEditStrategy):
         shared_directions: int = 0,
         subject_negatives: int = 0,
         negative_subjects: str = "bundled",
+        negative_choice: str = "random",
         retrieve: bool = False,
         replay: int = 0,
         rival_margin: float = 0.0,
@@ -180,6 +185,7 @@ class WISE(LinearEditStrategy):
         require_choice(route_on, "route_on", ("sequence", "prompt"))
         require_choice(act_loss_form, "act_loss_form", ("mean", "official"))
         require_choice(threshold_rows, "threshold_rows", ("plain", "all"))
+        require_choice(negative_choice, "negative_choice", ("random", "nearest"))
         for name, value in (("mask_ratio", mask_ratio), ("merge_density", merge_density)):
             require(0 < value <= 1, name, "in (0, 1]", value)
         require(0 < calibration_quantile <= 1, "calibration_quantile", "in (0, 1]", calibration_quantile)
@@ -223,7 +229,7 @@ class WISE(LinearEditStrategy):
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
         self.shared_directions, self.subject_negatives = shared_directions, subject_negatives
-        self.negative_subjects = negative_subjects
+        self.negative_subjects, self.negative_choice = negative_subjects, negative_choice
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.rival_margin = rival_margin
@@ -263,6 +269,8 @@ class WISE(LinearEditStrategy):
             self.seed,
         )
         self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
+        nearest = self.subject_negatives and self.negative_choice == "nearest"
+        self.swap_vectors = self.subject_vectors(self.swap_subjects) if nearest else None
         self.negatives: dict[int, list[str]] = {}  # subject-swapped prompts of the current memory's edits
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
         # (prompt, target) -> the frozen memories' best score, until a spawn freezes another memory
@@ -281,6 +289,19 @@ class WISE(LinearEditStrategy):
         """The edited layer's input activation at the real tokens of each text ([tokens, in] each)."""
         rows = teacher_forced_batch(self.tokenizer, texts, [""] * len(texts)).to(self.model.device)
         return CachedForward(self.model, self.adapter, rows, self.layer).tail
+
+    def subject_vectors(self, subjects: list[str], chunk: int = 256) -> Tensor:
+        """Unit vectors ([subjects, in]) of the edited layer's input at each subject's last token, the subject
+        read alone, without the shared directions."""
+        last = [
+            a[-1]
+            for start in range(0, len(subjects), chunk)
+            for a in self.token_activations(subjects[start : start + chunk])
+        ]
+        vectors = torch.stack(last)
+        if self.basis is not None:
+            vectors = vectors - (vectors @ self.basis) @ self.basis.T
+        return F.normalize(vectors, dim=-1)
 
     def principal_directions(self, texts: list[str], count: int) -> Tensor | None:
         """The `count` leading eigenvectors ([in, count]) of the second moment of the edited layer's input
@@ -332,8 +353,14 @@ class WISE(LinearEditStrategy):
         """Keep `subject_negatives` copies of `prompt` with other subjects in place of `subject`."""
         if not self.subject_negatives or not subject or subject not in prompt:
             return  # off (the default): no work per edit and nothing added to the checkpoint
-        others = [other for other in self.swap_subjects if other != subject]
-        chosen = random.Random(self.seed * 100_003 + index).sample(others, min(self.subject_negatives, len(others)))
+        others = [i for i, other in enumerate(self.swap_subjects) if other != subject]
+        count = min(self.subject_negatives, len(others))
+        if self.swap_vectors is None:
+            picked = random.Random(self.seed * 100_003 + index).sample(others, count)
+        else:
+            similarity = self.swap_vectors[others] @ self.subject_vectors([subject])[0]
+            picked = [others[i] for i in similarity.topk(count).indices.tolist()]
+        chosen = [self.swap_subjects[i] for i in picked]
         self.negatives[index] = [prompt.replace(subject, other) for other in chosen]
 
     def consolidate(

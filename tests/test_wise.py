@@ -4,6 +4,7 @@ import json
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_LAYER
 from safetensors.torch import save_file
 
@@ -273,6 +274,7 @@ def test_wise_routing_on_the_prompt_routes_teacher_forcing_and_generation_alike(
         ("route_sketch", -1, "at least 0"),
         ("route_candidates", 0, "at least 1"),
         ("num_context", 11, r"in \[0, 10\]"),
+        ("negative_choice", "closest", "one of random, nearest"),
     ],
 )
 def test_every_bad_wise_option_is_refused_with_its_name(option, value, expected):
@@ -737,6 +739,25 @@ def test_shared_directions_make_every_serving_memory_blind_to_them(tiny, zsre10)
     raw = strategy.memory.frozen[0].tau + 5 * torch.randn_like(strategy.memory.frozen[0].tau) @ basis @ basis.T
     served = CachedForward(model, strategy.adapter, rows, TINY_LAYER).scores(strategy.adapter.taus[0])
     torch.testing.assert_close(strategy._forward(rows).scores(raw), served, rtol=1e-4, atol=1e-4)
+
+
+def test_nearest_negatives_are_the_subjects_read_most_like_the_edit_subject(tiny, zsre10, tmp_path):
+    model, tokenizer = tiny
+    request, subjects = zsre10[0], ["Ada Lovelace", "Kyoto", "Renault Twingo", "Mount Fuji", "Johann Sebastian Bach"]
+    listed = tmp_path / "subjects.json"
+    listed.write_text(json.dumps([*subjects, request.subject]))  # its own subject is never its negative
+    strategy = small_wise(subject_negatives=2, negative_subjects=str(listed), negative_choice="nearest", n_iter=1)
+    strategy.prepare(model, tokenizer)
+    last_token_inputs = []  # the edited layer's input at the last token, each subject read alone
+    hook = strategy.adapter.register_forward_pre_hook(lambda _, args: last_token_inputs.append(args[0][0, -1]))
+    with torch.no_grad():
+        for text in [request.subject, *subjects]:
+            model(**tokenizer(text, return_tensors="pt"))
+    hook.remove()
+    similarity = F.cosine_similarity(torch.stack(last_token_inputs[1:]), last_token_inputs[0][None])
+    nearest = [subjects[i] for i in similarity.topk(2).indices.tolist()]
+    edit_requests(strategy, [request])
+    assert strategy.negatives[0] == [request.prompt.replace(request.subject, subject) for subject in nearest]
 
 
 def test_subject_negatives_swap_in_listed_subjects_and_are_trained_against(tiny, zsre10, edit_prompts, tmp_path):
