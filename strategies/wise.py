@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
 from wise_cl.data import EditBatch
-from wise_cl.editing_forward import CachedForward, FullForward, ProjectedForward
+from wise_cl.editing_forward import CachedForward, FullForward, ProjectedForward, project_out
 from wise_cl.merging import MERGE_METHODS
 from wise_cl.optimisation import edit_nll, optimise
 from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
@@ -298,10 +298,7 @@ class WISE(LinearEditStrategy):
             for start in range(0, len(subjects), chunk)
             for a in self.token_activations(subjects[start : start + chunk])
         ]
-        vectors = torch.stack(last)
-        if self.basis is not None:
-            vectors = vectors - (vectors @ self.basis) @ self.basis.T
-        return F.normalize(vectors, dim=-1)
+        return F.normalize(project_out(torch.stack(last), self.basis), dim=-1)
 
     def principal_directions(self, texts: list[str], count: int) -> Tensor | None:
         """The `count` leading eigenvectors ([in, count]) of the second moment of the edited layer's input

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ def plot_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Non
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
     colors = plt.get_cmap("tab20" if len(histories) > 10 else "tab10").colors  # one color per run
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for (name, history), color in zip(histories.items(), colors * len(histories), strict=False):
+        for (name, history), color in zip(histories.items(), itertools.cycle(colors)):
             edits, values = [p["edits"] for p in history], [p.get(metric, float("nan")) for p in history]
             ax.plot(edits, values, marker="o", label=name, color=color)
         ax.set_title(metric)
