@@ -9,7 +9,7 @@ from conftest import TINY_LAYER
 from safetensors.torch import save_file
 
 from wise_cl import checkpoints
-from wise_cl.callbacks import EditCheckpoint, ForgettingCurve
+from wise_cl.callbacks import EditCheckpoint, ForgettingCurve, request_scores
 from wise_cl.data import EditBatch, EditStreamDataModule
 from wise_cl.editing_forward import CachedForward, FullForward
 from wise_cl.evaluation import predict_answers
@@ -507,6 +507,18 @@ def test_a_checkpoint_resumes_only_its_own_stream_and_extends_it(tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(extended.strategy.memory.tau, whole.strategy.memory.tau)
     assert extended.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
+
+
+def test_a_curve_with_max_requests_scores_the_same_evenly_spaced_edits_at_every_point_and_also_at_others(tmp_path):
+    curve = ForgettingCurve(every_n_edits=2, max_requests=2, also_at=(3,))
+    module = run_stream(tmp_path, [curve], num_edits=5)
+    assert [(p["edits"], p["scored"]) for p in curve.history] == [(2, 1), (3, 1), (4, 2), (5, 2)]  # every 3rd: 0, 3
+    assert curve.forgetting.seen.tolist() == [True, False, False, True, False]
+    requests, reference = [module.stream[i] for i in (0, 3)], [module.reference[i] for i in (0, 3)]
+    final = request_scores(module, requests, reference, batch_size=4)
+    assert curve.history[-1]["reliability"] == pytest.approx(float(final["reliability"].mean()))
+    with pytest.raises(ValueError, match=r"trainer.callbacks.ForgettingCurve.max_requests must be 0 \(all\)"):
+        ForgettingCurve(max_requests=-1)
 
 
 def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(tmp_path):

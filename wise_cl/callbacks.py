@@ -143,12 +143,16 @@ class ForgettingCurve(Callback):
 
     Logs mean reliability, generalization, locality, target perplexity and forgetting (best reliability seen
     minus current, per request) against the number of edits; at the end writes the points to
-    `forgetting_curve.json` and draws them in `forgetting_curve.png`, both in the run folder.
+    `forgetting_curve.json` and draws them in `forgetting_curve.png`, both in the run folder. On long streams
+    `max_requests` bounds each point's cost: every k-th edit seen is scored (k = stream length / `max_requests`,
+    rounded up), the same edits at every point; 0 scores them all. `also_at` adds points off the period (after 955
+    edits, say, where no merge or spawn has just happened).
     """
 
-    def __init__(self, every_n_edits: int = 10) -> None:
+    def __init__(self, every_n_edits: int = 10, max_requests: int = 0, also_at: tuple[int, ...] = ()) -> None:
         require(every_n_edits >= 1, "ForgettingCurve.every_n_edits", "at least 1", every_n_edits, "trainer.callbacks")
-        self.every_n_edits = every_n_edits
+        require(max_requests >= 0, "ForgettingCurve.max_requests", "0 (all) or more", max_requests, "trainer.callbacks")
+        self.every_n_edits, self.max_requests, self.also_at = every_n_edits, max_requests, set(also_at)
         self.history: list[dict[str, float]] = []
         self.forgetting: Forgetting | None = None
 
@@ -156,19 +160,21 @@ class ForgettingCurve(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         done, total = pl_module.edits_done, len(pl_module.stream)
-        if done % self.every_n_edits and done != total:
+        if done % self.every_n_edits and done != total and done not in self.also_at:
             return
         if self.forgetting is None or len(self.forgetting.best) < total:  # new, or the stream was extended
             self.forgetting = self._grown(total)
-        requests = pl_module.stream[:done]
-        scores = request_scores(pl_module, requests, pl_module.reference, trainer.datamodule.eval_batch_size)
-        self.forgetting.update(torch.arange(done), scores["reliability"])
+        stride = math.ceil(total / self.max_requests) if self.max_requests else 1
+        scored = range(0, done, stride)
+        requests, reference = [pl_module.stream[i] for i in scored], [pl_module.reference[i] for i in scored]
+        scores = request_scores(pl_module, requests, reference, trainer.datamodule.eval_batch_size)
+        self.forgetting.update(torch.tensor(scored), scores["reliability"])
         point = {name: float(values.nanmean()) for name, values in scores.items()}
         point["perplexity"] = math.exp(point.pop("target_nll"))  # as `TargetPerplexity`: a geometric mean
         point["forgetting"] = float(self.forgetting.compute())
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in point.items()}, step=done)
-        self.history.append({"edits": done, **point})
+        self.history.append({"edits": done, "scored": len(scored), **point})
 
     def _grown(self, total: int) -> Forgetting:
         """A `Forgetting` over `total` requests holding what the current one has seen."""
