@@ -13,6 +13,7 @@ from wise_cl.benchmarks.inference_overhead import inference_overhead, markdown
 from wise_cl.benchmarks.robustness import Stream, aggregate, robustness, single_edit_streams
 from wise_cl.benchmarks.router_analysis import main as router_analysis
 from wise_cl.benchmarks.routing import routing_report, taken_by_other_memories
+from wise_cl.benchmarks.scale_up import main as scale_up
 from wise_cl.benchmarks.soak import main as soak
 from wise_cl.benchmarks.stream_costs import costs
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
@@ -237,3 +238,22 @@ def test_inference_overhead_times_runs_and_synthetic_memories_against_the_unedit
     # two-stage routing: every memory on a 2-dimensional sketch, then one candidate scored exactly
     sketched = inference_overhead([run], [4], "tiny", TINY_LAYER, 4, 2, 1, sketch=(2, 1))
     assert 0.0 <= sketched[0]["route_agreement"] <= 1.0 and sketched[1]["side_memories"] == 4
+
+
+def test_scale_up_reads_a_long_run_whose_curve_point_is_a_shorter_streams_final_model(tmp_path, monkeypatch):
+    overlay = tmp_path / "curve_every_2.yaml"
+    curve = {"class_path": "wise_cl.callbacks.ForgettingCurve", "init_args": {"every_n_edits": 2}}
+    overlay.write_text(json.dumps({"trainer": {"callbacks": [curve]}}))  # YAML reads JSON
+    args = [*TINY_WISE, "--model.strategy.edits_per_shard=1", f"--config={overlay}"]
+    config = Path("configs/zsre_wise_retrieve.yaml")
+    short = run_chunk(config, "retrieve", 2, 0, tmp_path / "short", args)
+    run_chunk(config, "retrieve", 4, 0, tmp_path / "long", args)
+    long_run = tmp_path / "long" / "tensorboard" / "retrieve" / "T4-chunk0"
+    out = tmp_path / "scale_up"
+    monkeypatch.setattr("sys.argv", ["scale_up", f"retrieve={long_run}", "--at", "2", "4", "--out", str(out)])
+    scale_up()
+    points = json.loads((out / "scale_up.json").read_text())["points"]["retrieve"]
+    assert [(p["T"], p["scored"]) for p in points] == [(2, 2), (4, 4)]
+    for metric in ("reliability", "generalization", "locality"):  # after 2 of 4 edits = a 2-edit stream's end
+        assert points[0][metric] == pytest.approx(short[metric])
+    assert (out / "scale_up.png").stat().st_size > 0 and "| retrieve | 4 | 4 |" in (out / "scale_up.md").read_text()
