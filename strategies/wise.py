@@ -427,13 +427,13 @@ class WISE(LinearEditStrategy):
         return rows.prompt_mask() if self.route_on == "prompt" else rows.attention_mask
 
     def _forward(
-        self, rows: TeacherForcedBatch, score_mask: Tensor | None = None, memo: dict | None = None
+        self, rows: TeacherForcedBatch, score_mask: Tensor | None = None, memo: dict | None = None, project: bool = True
     ) -> FullForward | ProjectedForward:
         if self.cached_forward:
             forward = CachedForward(self.model, self.adapter, rows, self.layer, score_mask, memo)
         else:
             forward = FullForward(self.model, self.adapter, rows, score_mask)
-        return forward if self.basis is None else ProjectedForward(forward, self.basis)
+        return forward if self.basis is None or not project else ProjectedForward(forward, self.basis)
 
     def edit_scores(self, tau: Tensor, edits: list[Edit]) -> Tensor:
         """The activation score of each edit (index, prompt, target) under `tau`."""
@@ -449,18 +449,22 @@ class WISE(LinearEditStrategy):
         missing = list(dict.fromkeys(row for row in rows if row not in self.rival_memo))
         if missing:  # replayed and rehearsed rows come back every edit until the next spawn
             new_prompts, new_targets = (list(column) for column in zip(*missing, strict=True))
-            scores = self.row_scores([memory.tau for memory in frozen], new_prompts, new_targets).amax(0)
+            taus = [memory.tau for memory in frozen]
+            scores = self.row_scores(taus, new_prompts, new_targets, projected=True).amax(0)
             self.rival_memo.update(zip(missing, scores.tolist(), strict=True))
         return torch.tensor([self.rival_memo[row] for row in rows], device=self.model.device)
 
     @torch.no_grad()
-    def row_scores(self, taus: list[Tensor], prompts: list[str], targets: list[str], batch_size: int = 32) -> Tensor:
-        """The activation score of each (prompt, target) row under each task vector, [taus, rows]."""
+    def row_scores(
+        self, taus: list[Tensor], prompts: list[str], targets: list[str], batch_size: int = 32, projected: bool = False
+    ) -> Tensor:
+        """The activation score of each (prompt, target) row under each task vector, [taus, rows]. `projected`:
+        the task vectors are blind to the shared directions already (frozen memories), so not projected again."""
         scores = []
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
             rows = teacher_forced_batch(self.tokenizer, prompts[part], targets[part]).to(self.model.device)
-            forward = self._forward(rows, self.score_mask(rows))
+            forward = self._forward(rows, self.score_mask(rows), project=not projected)
             scores.append(torch.stack([forward.scores(tau) for tau in taus]))
         return torch.cat(scores, dim=1)
 

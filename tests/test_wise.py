@@ -568,11 +568,16 @@ def test_retrieve_replay_adds_frozen_edits_as_irrelevant_rows(tiny, zsre10, edit
     assert len(strategy.adapter.taus) == 2
 
 
-@pytest.mark.parametrize(("rival_margin", "replay"), [(0.0, 2), (5.0, 0), (5.0, 2)])
-def test_rival_margin_gives_each_edit_the_route_of_the_memory_holding_it(tiny, zsre10, rival_margin, replay):
+@pytest.mark.parametrize(("rival_margin", "replay", "shared"), [(0.0, 2, 0), (5.0, 0, 0), (5.0, 2, 0), (5.0, 2, 4)])
+def test_rival_margin_gives_each_edit_the_route_of_the_memory_holding_it(tiny, zsre10, rival_margin, replay, shared):
     requests = zsre10[:3]
     strategy = small_wise(
-        retrieve=True, edits_per_shard=1, shards_per_merge=1, rival_margin=rival_margin, replay=replay
+        retrieve=True,
+        edits_per_shard=1,
+        shards_per_merge=1,
+        rival_margin=rival_margin,
+        replay=replay,
+        shared_directions=shared,
     )
     strategy.prepare(*tiny)
     edit_requests(strategy, requests, lifecycle=True)
@@ -595,7 +600,9 @@ def test_rival_scores_are_computed_once_per_row_until_a_spawn(tiny, zsre10, monk
     edit_requests(strategy, zsre10[:2], lifecycle=True)
     computed: list[list[str]] = []
     row_scores = strategy.row_scores
-    monkeypatch.setattr(strategy, "row_scores", lambda taus, p, t: computed.append(p) or row_scores(taus, p, t))
+    monkeypatch.setattr(
+        strategy, "row_scores", lambda taus, p, t, **kw: computed.append(p) or row_scores(taus, p, t, **kw)
+    )
     prompts, targets = [r.prompt for r in zsre10[2:5]], [r.target for r in zsre10[2:5]]
     first = strategy.rival_scores(prompts[:2], targets[:2])
     again = strategy.rival_scores(prompts, targets)
