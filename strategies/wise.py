@@ -23,7 +23,7 @@ from wise_cl.editing_forward import CachedForward, FullForward, ProjectedForward
 from wise_cl.merging import MERGE_METHODS
 from wise_cl.optimisation import edit_nll, optimise
 from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
-from wise_cl.records import read_subjects
+from wise_cl.records import read_negative_prompts, read_subjects
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import save_side_memories
 from wise_cl.strategies.base import LinearEditStrategy, mean_stats
@@ -99,6 +99,12 @@ class WISE(LinearEditStrategy):
             representation (the edited layer's input at the subject's last token, read alone, blind to the shared
             directions) is closest in cosine to the edit subject's: subjects of the same kind, such as another
             city for a city, are the prompts of the same relation a memory must still refuse.
+        prompt_negatives: each edit also trains against this many prompts about other subjects from
+            `negative_prompts`, those whose representation (the edited layer's input at the prompt's last token,
+            read alone, blind to the shared directions) is closest in cosine to the edit prompt's: the edit's
+            relation in other words, which the subject-swapped copies (the edit's own words) do not cover (0: off).
+        negative_prompts: JSON list of those prompts (`bundled`: 2000 CounterFact training-split prompts whose
+            subjects no bundled file mentions).
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
@@ -168,6 +174,8 @@ class WISE(LinearEditStrategy):
         subject_negatives: int = 0,
         negative_subjects: str = "bundled",
         negative_choice: str = "random",
+        prompt_negatives: int = 0,
+        negative_prompts: str = "bundled",
         retrieve: bool = False,
         replay: int = 0,
         rival_margin: float = 0.0,
@@ -210,6 +218,7 @@ class WISE(LinearEditStrategy):
             "calibration_texts": calibration_texts,
             "shared_directions": shared_directions,
             "subject_negatives": subject_negatives,
+            "prompt_negatives": prompt_negatives,
             "route_sketch": route_sketch,
         }
         for name, value in counts.items():
@@ -230,6 +239,7 @@ class WISE(LinearEditStrategy):
         self.calibration_texts, self.calibration_quantile = calibration_texts, calibration_quantile
         self.shared_directions, self.subject_negatives = shared_directions, subject_negatives
         self.negative_subjects, self.negative_choice = negative_subjects, negative_choice
+        self.prompt_negatives, self.negative_prompts = prompt_negatives, negative_prompts
         self.cached_forward = cached_forward
         self.replay, self.batch_edit, self.consolidate_steps = replay, batch_edit, consolidate_steps
         self.rival_margin = rival_margin
@@ -270,8 +280,10 @@ class WISE(LinearEditStrategy):
         )
         self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
         nearest = self.subject_negatives and self.negative_choice == "nearest"
-        self.swap_vectors = self.subject_vectors(self.swap_subjects) if nearest else None
-        self.negatives: dict[int, list[str]] = {}  # subject-swapped prompts of the current memory's edits
+        self.swap_vectors = self.text_vectors(self.swap_subjects) if nearest else None
+        self.pool_prompts = read_negative_prompts(self.negative_prompts) if self.prompt_negatives else []
+        self.pool_vectors = self.text_vectors(self.pool_prompts) if self.prompt_negatives else None
+        self.negatives: dict[int, list[str]] = {}  # the current memory's edits' subject-swapped and listed prompts
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
         # (prompt, target) -> the frozen memories' best score, until a spawn freezes another memory
         self.rival_memo: dict[tuple[str, str], float] = {}
@@ -290,13 +302,11 @@ class WISE(LinearEditStrategy):
         rows = teacher_forced_batch(self.tokenizer, texts, [""] * len(texts)).to(self.model.device)
         return CachedForward(self.model, self.adapter, rows, self.layer).tail
 
-    def subject_vectors(self, subjects: list[str], chunk: int = 256) -> Tensor:
-        """Unit vectors ([subjects, in]) of the edited layer's input at each subject's last token, the subject
-        read alone, without the shared directions."""
+    def text_vectors(self, texts: list[str], chunk: int = 256) -> Tensor:
+        """Unit vectors ([texts, in]) of the edited layer's input at each text's last token, the text read alone,
+        without the shared directions."""
         last = [
-            a[-1]
-            for start in range(0, len(subjects), chunk)
-            for a in self.token_activations(subjects[start : start + chunk])
+            a[-1] for start in range(0, len(texts), chunk) for a in self.token_activations(texts[start : start + chunk])
         ]
         return F.normalize(project_out(torch.stack(last), self.basis), dim=-1)
 
@@ -347,18 +357,36 @@ class WISE(LinearEditStrategy):
         return stats
 
     def _add_negatives(self, index: int, prompt: str, subject: str | None) -> None:
-        """Keep `subject_negatives` copies of `prompt` with other subjects in place of `subject`."""
+        """Keep the edit's negatives: `subject_negatives` copies of `prompt` with other subjects in place of
+        `subject`, and the `prompt_negatives` listed prompts read most like `prompt`."""
+        negatives = self._swapped_subjects(index, prompt, subject) + self._nearest_prompts(prompt, subject)
+        if negatives:  # none (the default): no work per edit and nothing added to the checkpoint
+            self.negatives[index] = negatives
+
+    def _swapped_subjects(self, index: int, prompt: str, subject: str | None) -> list[str]:
+        """`subject_negatives` copies of `prompt` with listed subjects in place of `subject` (see `negative_choice`)."""
         if not self.subject_negatives or not subject or subject not in prompt:
-            return  # off (the default): no work per edit and nothing added to the checkpoint
+            return []
         others = [i for i, other in enumerate(self.swap_subjects) if other != subject]
         count = min(self.subject_negatives, len(others))
         if self.swap_vectors is None:
             picked = random.Random(self.seed * 100_003 + index).sample(others, count)
         else:
-            similarity = self.swap_vectors[others] @ self.subject_vectors([subject])[0]
+            similarity = self.swap_vectors[others] @ self.text_vectors([subject])[0]
             picked = [others[i] for i in similarity.topk(count).indices.tolist()]
-        chosen = [self.swap_subjects[i] for i in picked]
-        self.negatives[index] = [prompt.replace(subject, other) for other in chosen]
+        return [prompt.replace(subject, self.swap_subjects[i]) for i in picked]
+
+    def _nearest_prompts(self, prompt: str, subject: str | None) -> list[str]:
+        """The `prompt_negatives` listed prompts closest to `prompt` (cosine of `text_vectors`), none that mentions
+        its subject."""
+        if not self.prompt_negatives:
+            return []
+        similarity = self.pool_vectors @ self.text_vectors([prompt])[0]
+        if subject:
+            mentions = torch.tensor([subject in text for text in self.pool_prompts], device=similarity.device)
+            similarity = similarity.masked_fill(mentions, -math.inf)
+        count = min(self.prompt_negatives, int(similarity.isfinite().sum()))
+        return [self.pool_prompts[i] for i in similarity.topk(count).indices.tolist()]
 
     def consolidate(
         self, edits: list[Edit], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None

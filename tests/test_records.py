@@ -3,7 +3,14 @@ import random
 
 import pytest
 
-from wise_cl.records import EditDataError, bundled_path, read_irrelevant_prompts, read_requests, read_subjects
+from wise_cl.records import (
+    EditDataError,
+    bundled_path,
+    read_irrelevant_prompts,
+    read_negative_prompts,
+    read_requests,
+    read_subjects,
+)
 
 
 def test_zsre_layout_maps_fields():
@@ -69,6 +76,16 @@ def test_bundled_swap_subjects_are_no_bundled_request_subject(tmp_path):
     path.write_text('["Kyoto", ""]')
     with pytest.raises(EditDataError, match="record 1"):
         read_subjects(path)
+
+
+def test_bundled_negative_prompts_are_no_bundled_text():
+    prompts = read_negative_prompts()
+    assert len(prompts) == len(set(prompts)) == 2000
+    for path in bundled_path("").glob("*/*.json"):
+        records = json.loads(path.read_text())
+        if isinstance(records, list) and isinstance(records[0], dict):
+            texts = {str(value) for record in records for value in record.values()}
+            assert not texts & set(prompts), path
 
 
 @pytest.mark.parametrize(

@@ -779,6 +779,34 @@ def test_nearest_negatives_are_the_subjects_read_most_like_the_edit_subject(tiny
     assert strategy.negatives[0] == [request.prompt.replace(request.subject, subject) for subject in nearest]
 
 
+def test_prompt_negatives_are_the_listed_prompts_read_most_like_the_edit_prompt(tiny, zsre10, tmp_path):
+    model, tokenizer = tiny
+    request = zsre10[0]
+    prompts = [
+        "Kyoto is located in",
+        "The mother tongue of Ada Lovelace is",
+        "Renault Twingo is made by",
+        "Who is Bach?",
+    ]
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps([*prompts, f"Where is {request.subject}?"]))  # mentions its subject: never picked
+    strategy = small_wise(prompt_negatives=2, negative_prompts=str(listed), subject_negatives=1, n_iter=1)
+    strategy.prepare(model, tokenizer)
+    last_token_inputs = []  # the edited layer's input at the last token, each text read alone
+    hook = strategy.adapter.register_forward_pre_hook(lambda _, args: last_token_inputs.append(args[0][0, -1]))
+    with torch.no_grad():
+        for text in [request.prompt, *prompts]:
+            model(**tokenizer(text, return_tensors="pt"))
+    hook.remove()
+    similarity = F.cosine_similarity(torch.stack(last_token_inputs[1:]), last_token_inputs[0][None])
+    nearest = [prompts[i] for i in similarity.topk(2).indices.tolist()]
+    edit_requests(strategy, [request])
+    swapped, *listed_negatives = strategy.negatives[0]  # the subject-swapped copy first
+    assert request.subject not in swapped and listed_negatives == nearest
+    with pytest.raises(ValueError, match="strategy.prompt_negatives must be at least 0"):
+        small_wise(prompt_negatives=-1)
+
+
 def test_subject_negatives_swap_in_listed_subjects_and_are_trained_against(tiny, zsre10, edit_prompts, tmp_path):
     listed = tmp_path / "subjects.json"
     subjects = ["Ada Lovelace", "Kyoto", "Renault Twingo"]

@@ -244,10 +244,21 @@ def read_irrelevant_prompts(source: str | Path = "zsre", count: int | None = Non
 def read_subjects(source: str | Path = "bundled") -> list[str]:
     """Subjects to swap into edit prompts: `bundled` (1000 CounterFact subjects no bundled request has,
     see `data/PROVENANCE.md`) or a JSON file holding a list of strings."""
-    path = resource_path("subjects.json") if str(source) == "bundled" else Path(source)
-    subjects = _load_json(path)
-    _check_texts(path, subjects)
-    return subjects
+    return _read_text_list(source, "subjects.json")
+
+
+def read_negative_prompts(source: str | Path = "bundled") -> list[str]:
+    """Prompts about other subjects for edits to train against: `bundled` (2000 CounterFact training-split prompts
+    whose subjects no bundled file mentions, see `data/PROVENANCE.md`) or a JSON file holding a list of strings."""
+    return _read_text_list(source, "negative_prompts.json")
+
+
+def _read_text_list(source: str | Path, bundled_name: str) -> list[str]:
+    """A JSON list of texts: the library's resource `bundled_name` for `bundled`, else the file `source`."""
+    path = resource_path(bundled_name) if str(source) == "bundled" else Path(source)
+    texts = _load_json(path)
+    _check_texts(path, texts)
+    return texts
 
 
 def read_corpus(source: str | Path = "wikipedia") -> list[str]:
