@@ -245,7 +245,7 @@ def test_temporal_overlay_scores_out_of_distribution_generalization_along_the_st
     assert last["ood_generalization"] == pytest.approx(metrics["ood_generalization"])
 
 
-OVERLAYS = ("configs/temporal.yaml", "configs/hallucination.yaml")  # a data set for any strategy's config
+OVERLAYS = ("configs/temporal.yaml", "configs/hallucination.yaml", "configs/long_stream.yaml")  # after any config
 
 
 @pytest.mark.parametrize("config", sorted(str(path) for path in Path("configs").glob("*.yaml")))
@@ -255,5 +255,6 @@ def test_every_config_parses(config, capsys):
         main(["fit", *configs, "--print_config"])
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
-    data = Path(config).stem.split("_")[0]
+    data = "zsre" if config == "configs/long_stream.yaml" else Path(config).stem.split("_")[0]  # ZsRE: GRACE's
     assert f"path: {data}" in printed and "class_path: wise_cl.strategies." in printed
+    assert config != "configs/long_stream.yaml" or "max_requests: 500" in printed
