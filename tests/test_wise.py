@@ -760,6 +760,17 @@ def test_shared_directions_make_every_serving_memory_blind_to_them(tiny, zsre10)
     torch.testing.assert_close(strategy._forward(rows).scores(raw), served, rtol=1e-4, atol=1e-4)
 
 
+def last_token_inputs(strategy: WISE, model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """The edited layer's input at each text's last token, each text read alone (an independent hook)."""
+    captured = []
+    hook = strategy.adapter.register_forward_pre_hook(lambda _, args: captured.append(args[0][0, -1]))
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    hook.remove()
+    return torch.stack(captured)
+
+
 def test_nearest_negatives_are_the_subjects_read_most_like_the_edit_subject(tiny, zsre10, tmp_path):
     model, tokenizer = tiny
     request, subjects = zsre10[0], ["Ada Lovelace", "Kyoto", "Renault Twingo", "Mount Fuji", "Johann Sebastian Bach"]
@@ -767,13 +778,8 @@ def test_nearest_negatives_are_the_subjects_read_most_like_the_edit_subject(tiny
     listed.write_text(json.dumps([*subjects, request.subject]))  # its own subject is never its negative
     strategy = small_wise(subject_negatives=2, negative_subjects=str(listed), negative_choice="nearest", n_iter=1)
     strategy.prepare(model, tokenizer)
-    last_token_inputs = []  # the edited layer's input at the last token, each subject read alone
-    hook = strategy.adapter.register_forward_pre_hook(lambda _, args: last_token_inputs.append(args[0][0, -1]))
-    with torch.no_grad():
-        for text in [request.subject, *subjects]:
-            model(**tokenizer(text, return_tensors="pt"))
-    hook.remove()
-    similarity = F.cosine_similarity(torch.stack(last_token_inputs[1:]), last_token_inputs[0][None])
+    inputs = last_token_inputs(strategy, model, tokenizer, [request.subject, *subjects])
+    similarity = F.cosine_similarity(inputs[1:], inputs[0][None])
     nearest = [subjects[i] for i in similarity.topk(2).indices.tolist()]
     edit_requests(strategy, [request])
     assert strategy.negatives[0] == [request.prompt.replace(request.subject, subject) for subject in nearest]
@@ -792,13 +798,8 @@ def test_prompt_negatives_are_the_listed_prompts_read_most_like_the_edit_prompt(
     listed.write_text(json.dumps([*prompts, f"Where is {request.subject}?"]))  # mentions its subject: never picked
     strategy = small_wise(prompt_negatives=2, negative_prompts=str(listed), subject_negatives=1, n_iter=1)
     strategy.prepare(model, tokenizer)
-    last_token_inputs = []  # the edited layer's input at the last token, each text read alone
-    hook = strategy.adapter.register_forward_pre_hook(lambda _, args: last_token_inputs.append(args[0][0, -1]))
-    with torch.no_grad():
-        for text in [request.prompt, *prompts]:
-            model(**tokenizer(text, return_tensors="pt"))
-    hook.remove()
-    similarity = F.cosine_similarity(torch.stack(last_token_inputs[1:]), last_token_inputs[0][None])
+    inputs = last_token_inputs(strategy, model, tokenizer, [request.prompt, *prompts])
+    similarity = F.cosine_similarity(inputs[1:], inputs[0][None])
     nearest = [prompts[i] for i in similarity.topk(2).indices.tolist()]
     edit_requests(strategy, [request])
     swapped, *listed_negatives = strategy.negatives[0]  # the subject-swapped copy first
