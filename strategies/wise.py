@@ -478,21 +478,21 @@ class WISE(LinearEditStrategy):
         if missing:  # replayed and rehearsed rows come back every edit until the next spawn
             new_prompts, new_targets = (list(column) for column in zip(*missing, strict=True))
             taus = [memory.tau for memory in frozen]
-            scores = self.row_scores(taus, new_prompts, new_targets, projected=True).amax(0)
+            scores = self.row_scores(taus, new_prompts, new_targets, project=False).amax(0)
             self.rival_memo.update(zip(missing, scores.tolist(), strict=True))
         return torch.tensor([self.rival_memo[row] for row in rows], device=self.model.device)
 
     @torch.no_grad()
     def row_scores(
-        self, taus: list[Tensor], prompts: list[str], targets: list[str], batch_size: int = 32, projected: bool = False
+        self, taus: list[Tensor], prompts: list[str], targets: list[str], batch_size: int = 32, project: bool = True
     ) -> Tensor:
-        """The activation score of each (prompt, target) row under each task vector, [taus, rows]. `projected`:
-        the task vectors are blind to the shared directions already (frozen memories), so not projected again."""
+        """The activation score of each (prompt, target) row under each task vector, [taus, rows]. `project=False`
+        for task vectors blind to the shared directions already (frozen memories): no second projection."""
         scores = []
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
             rows = teacher_forced_batch(self.tokenizer, prompts[part], targets[part]).to(self.model.device)
-            forward = self._forward(rows, self.score_mask(rows), project=not projected)
+            forward = self._forward(rows, self.score_mask(rows), project=project)
             scores.append(torch.stack([forward.scores(tau) for tau in taus]))
         return torch.cat(scores, dim=1)
 
