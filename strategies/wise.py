@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from wise_cl.callbacks import KnowledgeMerging, KnowledgeSharding, MemorySpawning
 from wise_cl.data import EditBatch
 from wise_cl.editing_forward import CachedForward, FullForward, ProjectedForward, project_out
+from wise_cl.key_statistics import cached_tensor, model_fingerprint
 from wise_cl.merging import MERGE_METHODS
 from wise_cl.optimisation import edit_nll, optimise
 from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
@@ -280,9 +281,9 @@ class WISE(LinearEditStrategy):
         )
         self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
         nearest = self.subject_negatives and self.negative_choice == "nearest"
-        self.swap_vectors = self.text_vectors(self.swap_subjects) if nearest else None
+        self.swap_vectors = self.text_vectors(self.swap_subjects, cached=True) if nearest else None
         self.pool_prompts = read_negative_prompts(self.negative_prompts) if self.prompt_negatives else []
-        self.pool_vectors = self.text_vectors(self.pool_prompts) if self.prompt_negatives else None
+        self.pool_vectors = self.text_vectors(self.pool_prompts, cached=True) if self.prompt_negatives else None
         self.negatives: dict[int, list[str]] = {}  # the current memory's edits' subject-swapped and listed prompts
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
         # (prompt, target) -> the frozen memories' best score, until a spawn freezes another memory
@@ -302,13 +303,22 @@ class WISE(LinearEditStrategy):
         rows = teacher_forced_batch(self.tokenizer, texts, [""] * len(texts)).to(self.model.device)
         return CachedForward(self.model, self.adapter, rows, self.layer).tail
 
-    def text_vectors(self, texts: list[str], chunk: int = 256) -> Tensor:
+    def text_vectors(self, texts: list[str], cached: bool = False) -> Tensor:
         """Unit vectors ([texts, in]) of the edited layer's input at each text's last token, the text read alone,
-        without the shared directions."""
-        last = [
-            a[-1] for start in range(0, len(texts), chunk) for a in self.token_activations(texts[start : start + chunk])
-        ]
-        return F.normalize(project_out(torch.stack(last), self.basis), dim=-1)
+        without the shared directions (`cached`: the inputs kept in the user cache, for fixed lists of texts)."""
+        if cached:
+            key = [self.layer, texts]
+            inputs = cached_tensor(
+                model_fingerprint(self.model), "last_token_inputs", key, lambda: self.last_inputs(texts)
+            )
+        else:
+            inputs = self.last_inputs(texts)
+        return F.normalize(project_out(inputs, self.basis), dim=-1)
+
+    def last_inputs(self, texts: list[str], chunk: int = 256) -> Tensor:
+        """The edited layer's input ([texts, in]) at each text's last token, the text read alone."""
+        chunks = (self.token_activations(texts[start : start + chunk]) for start in range(0, len(texts), chunk))
+        return torch.stack([a[-1] for activations in chunks for a in activations])
 
     def principal_directions(self, texts: list[str], count: int) -> Tensor | None:
         """The `count` leading eigenvectors ([in, count]) of the second moment of the edited layer's input

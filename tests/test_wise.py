@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import TINY_LAYER
 from safetensors.torch import save_file
 
-from wise_cl import checkpoints
+from wise_cl import checkpoints, key_statistics
 from wise_cl.callbacks import EditCheckpoint, ForgettingCurve, request_scores
 from wise_cl.data import EditBatch, EditStreamDataModule
 from wise_cl.editing_forward import CachedForward, FullForward
@@ -771,7 +771,8 @@ def last_token_inputs(strategy: WISE, model, tokenizer, texts: list[str]) -> tor
     return torch.stack(captured)
 
 
-def test_nearest_negatives_are_the_subjects_read_most_like_the_edit_subject(tiny, zsre10, tmp_path):
+def test_nearest_negatives_are_the_subjects_read_most_like_the_edit_subject(tiny, zsre10, tmp_path, monkeypatch):
+    monkeypatch.setattr(key_statistics, "cache_dir", lambda: tmp_path / "cache")
     model, tokenizer = tiny
     request, subjects = zsre10[0], ["Ada Lovelace", "Kyoto", "Renault Twingo", "Mount Fuji", "Johann Sebastian Bach"]
     listed = tmp_path / "subjects.json"
@@ -785,7 +786,8 @@ def test_nearest_negatives_are_the_subjects_read_most_like_the_edit_subject(tiny
     assert strategy.negatives[0] == [request.prompt.replace(request.subject, subject) for subject in nearest]
 
 
-def test_prompt_negatives_are_the_listed_prompts_read_most_like_the_edit_prompt(tiny, zsre10, tmp_path):
+def test_prompt_negatives_are_the_listed_prompts_read_most_like_the_edit_prompt(tiny, zsre10, tmp_path, monkeypatch):
+    monkeypatch.setattr(key_statistics, "cache_dir", lambda: tmp_path / "cache")
     model, tokenizer = tiny
     request = zsre10[0]
     prompts = [
@@ -806,6 +808,20 @@ def test_prompt_negatives_are_the_listed_prompts_read_most_like_the_edit_prompt(
     assert request.subject not in swapped and listed_negatives == nearest
     with pytest.raises(ValueError, match="strategy.prompt_negatives must be at least 0"):
         small_wise(prompt_negatives=-1)
+
+
+def test_listed_prompts_inputs_are_read_from_the_cache_on_the_next_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(key_statistics, "cache_dir", lambda: tmp_path / "cache")
+    model, tokenizer = tiny
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps(["Kyoto is located in", "Who is Bach?", "Renault Twingo is made by"]))
+    first = small_wise(prompt_negatives=1, negative_prompts=str(listed))
+    first.prepare(model, tokenizer)
+    assert len(list((tmp_path / "cache" / "last_token_inputs").glob("*.safetensors"))) == 1
+    monkeypatch.setattr(WISE, "last_inputs", lambda *_: pytest.fail("the listed prompts were read again"))
+    second = small_wise(prompt_negatives=1, negative_prompts=str(listed))
+    second.prepare(model, tokenizer)
+    torch.testing.assert_close(second.pool_vectors, first.pool_vectors, rtol=0, atol=0)
 
 
 def test_subject_negatives_swap_in_listed_subjects_and_are_trained_against(tiny, zsre10, edit_prompts, tmp_path):

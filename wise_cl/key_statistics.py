@@ -1,12 +1,12 @@
 """Hooks on one Linear layer (its inputs, the "keys" in ROME's words, captured; a vector added to its output at
 chosen tokens) and the keys' second moment over a text corpus, computed once per model, layer and corpus and
-cached on disk."""
+cached on disk (as any tensor a model determines can be, with `cached_tensor`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -97,6 +97,17 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return digest.hexdigest()
 
 
+def cached_tensor(fingerprint: str, kind: str, key: list, compute: Callable[[], Tensor]) -> Tensor:
+    """`compute()`, read from the user cache instead when it ran before for this model (`fingerprint`), `kind` (the
+    cache's subfolder) and `key` (values JSON can write), and written there when not."""
+    path = _cache_path(fingerprint, kind, key)
+    if path.is_file():
+        return _read_cached(path)
+    tensor = compute()
+    _write_cached(path, tensor)
+    return tensor
+
+
 def cached_second_moments(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -106,18 +117,29 @@ def cached_second_moments(
 ) -> dict[str, Tensor]:
     """`second_moments`, each read from the user cache when this model, layer and corpus were seen before (the
     missing ones computed in one pass and cached)."""
-    fingerprint, folder = model_fingerprint(model), cache_dir() / "key_statistics"
-    names = {layer: json.dumps([fingerprint, layer, texts, max_tokens]).encode() for layer in layers}
-    paths = {layer: folder / f"{hashlib.sha256(name).hexdigest()[:32]}.safetensors" for layer, name in names.items()}
+    fingerprint = model_fingerprint(model)
+    paths = {layer: _cache_path(fingerprint, "key_statistics", [layer, texts, max_tokens]) for layer in layers}
     computed = second_moments(
         model, tokenizer, [layer for layer in layers if not paths[layer].is_file()], texts, max_tokens
     )
     for layer, moment in computed.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = Path(f"{paths[layer]}.partial")
-        save_file({"second_moment": moment}, str(partial))
-        partial.replace(paths[layer])
-    return {
-        layer: computed[layer] if layer in computed else load_file(str(paths[layer]))["second_moment"]
-        for layer in layers
-    }
+        _write_cached(paths[layer], moment)
+    return {layer: computed[layer] if layer in computed else _read_cached(paths[layer]) for layer in layers}
+
+
+def _cache_path(fingerprint: str, kind: str, key: list) -> Path:
+    name = json.dumps([fingerprint, *key]).encode()
+    return cache_dir() / kind / f"{hashlib.sha256(name).hexdigest()[:32]}.safetensors"
+
+
+def _write_cached(path: Path, tensor: Tensor) -> None:
+    """Write through a partial file, so that an interrupted run never leaves a truncated entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file({"tensor": tensor.contiguous()}, str(partial))
+    partial.replace(path)
+
+
+def _read_cached(path: Path) -> Tensor:
+    (tensor,) = load_file(str(path)).values()
+    return tensor
