@@ -21,6 +21,12 @@ from wise_cl.cli import main as wise_cl
 from wise_cl.strategies.wise import WISE
 
 
+@pytest.fixture(autouse=True)
+def tiny_model_cache(tmp_path_factory, monkeypatch):
+    """The runs here use the tiny model: what they cache stays out of the user's cache."""
+    monkeypatch.setenv("WISE_CL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(tmp_path):
     out = tmp_path / "compare"
     rows = compare([Path("configs/zsre_wise.yaml")], [1, 3], [2, 1], out, TINY_WISE, unedited=True)
