@@ -281,9 +281,10 @@ class WISE(LinearEditStrategy):
         )
         self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
         nearest = self.subject_negatives and self.negative_choice == "nearest"
-        self.swap_vectors = self.text_vectors(self.swap_subjects, cached=True) if nearest else None
+        fingerprint = model_fingerprint(self.model) if nearest or self.prompt_negatives else None
+        self.swap_vectors = self.text_vectors(self.swap_subjects, fingerprint) if nearest else None
         self.pool_prompts = read_negative_prompts(self.negative_prompts) if self.prompt_negatives else []
-        self.pool_vectors = self.text_vectors(self.pool_prompts, cached=True) if self.prompt_negatives else None
+        self.pool_vectors = self.text_vectors(self.pool_prompts, fingerprint) if self.prompt_negatives else None
         self.negatives: dict[int, list[str]] = {}  # the current memory's edits' subject-swapped and listed prompts
         self.activation_memo: dict[tuple[int, ...], Tensor] = {}  # replayed rows' activations, reused
         # (prompt, target) -> the frozen memories' best score, until a spawn freezes another memory
@@ -303,16 +304,15 @@ class WISE(LinearEditStrategy):
         rows = teacher_forced_batch(self.tokenizer, texts, [""] * len(texts)).to(self.model.device)
         return CachedForward(self.model, self.adapter, rows, self.layer).tail
 
-    def text_vectors(self, texts: list[str], cached: bool = False) -> Tensor:
+    def text_vectors(self, texts: list[str], fingerprint: str | None = None) -> Tensor:
         """Unit vectors ([texts, in]) of the edited layer's input at each text's last token, the text read alone,
-        without the shared directions (`cached`: the inputs kept in the user cache, for fixed lists of texts)."""
-        if cached:
-            key = [self.layer, texts]
-            inputs = cached_tensor(
-                model_fingerprint(self.model), "last_token_inputs", key, lambda: self.last_inputs(texts)
-            )
-        else:
+        without the shared directions. With the model's `fingerprint` (fixed lists of texts), the inputs are
+        kept in the user cache."""
+        if fingerprint is None:
             inputs = self.last_inputs(texts)
+        else:
+            key = [self.layer, texts]
+            inputs = cached_tensor(fingerprint, "last_token_inputs", key, lambda: self.last_inputs(texts))
         return F.normalize(project_out(inputs, self.basis), dim=-1)
 
     def last_inputs(self, texts: list[str], chunk: int = 256) -> Tensor:
