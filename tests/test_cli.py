@@ -1,3 +1,4 @@
+import gc
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from wise_cl.data import EditStreamDataModule, as_chat
 from wise_cl.models import ModelLoadError, find_module, load_model
 from wise_cl.records import EditDataError, read_requests
 from wise_cl.rows import teacher_forced_batch
+from wise_cl.strategies.wise import WISE
 
 
 def run_cli(command, args, tmp_path, capsys):
@@ -44,6 +46,18 @@ def test_cli_fit_edits_then_scores(tmp_path, capsys):
     assert torch.load(checkpoint, weights_only=False)["wise_cl"]["config"] == config
     run_folder = checkpoint.parent.parent  # one config file per run
     assert (run_folder / "config.yaml").is_file() and not (run_folder / "hparams.yaml").exists()
+
+
+def test_editing_runs_with_the_run_long_objects_out_of_the_collector_s_reach(tmp_path, monkeypatch):
+    frozen_while_editing = []
+    edit = WISE.edit
+    monkeypatch.setattr(
+        WISE, "edit", lambda self, batch: frozen_while_editing.append(gc.get_freeze_count()) or edit(self, batch)
+    )
+    args = ["--config", "configs/zsre_wise.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", *TINY_WISE]
+    run(["fit", *args, "--data.num_edits=2"])
+    assert len(frozen_while_editing) == 2 and min(frozen_while_editing) > 10_000  # the model, tokenizer, stream
+    assert gc.get_freeze_count() == 0  # given back to the collector when the fit ends
 
 
 def test_progress_is_written_as_lines_without_a_terminal(tmp_path):
