@@ -81,7 +81,10 @@ def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
     memory = strategy.memory
     open_shard = len(memory.shard_edits)
     blocks = [strategy.edits_per_shard * strategy.shards_per_merge] * len(memory.frozen)
-    blocks += [count for count in (len(memory.edits) - open_shard, open_shard) if count]
+    if memory.routers:  # each closed shard routes its own edits (to the merged memory)
+        blocks += [strategy.edits_per_shard] * len(memory.routers) + ([open_shard] if open_shard else [])
+    else:
+        blocks += [count for count in (len(memory.edits) - open_shard, open_shard) if count]
     if sum(blocks) != num_requests:
         return None
     return torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks, dtype=torch.long))
@@ -90,22 +93,23 @@ def holding_memory(strategy: WISE, num_requests: int) -> Tensor | None:
 @contextmanager
 def restored_serving(adapter: SideMemoryLinear) -> Iterator[None]:
     """Serve other memories or thresholds inside the block; the adapter's own afterwards."""
-    taus, thresholds = list(adapter.taus), list(adapter.thresholds)
+    taus, thresholds, answers = list(adapter.taus), list(adapter.thresholds), adapter.answers
     try:
         yield
     finally:
-        adapter.serve(taus, thresholds)
+        adapter.serve(taus, thresholds, answers)
 
 
 def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: Tensor) -> float:
     """Mean accuracy when every request is answered by the memory that holds it (perfect routing)."""
     adapter = strategy.adapter
     correct = torch.zeros(len(holder), dtype=torch.double)
+    taus, answers = list(adapter.taus), adapter.answers or range(len(adapter.taus))
     with restored_serving(adapter):
-        for m, tau in enumerate(list(adapter.taus)):
+        for m, answer in enumerate(answers):
             held = (holder == m).nonzero().squeeze(1).tolist()
             if held:
-                adapter.serve([tau], [-float("inf")])
+                adapter.serve([taus[answer]], [-float("inf")])
                 correct[held] = accuracy(strategy, *([pairs[k][i] for i in held] for k in range(2)))
     return float(correct.mean())
 
@@ -165,14 +169,17 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
         row: dict[str, Any] = {"act_ratio": ratio, "thresholds": [round(t, 2) for t in thresholds.tolist()]}
         for name, pairs in sets.items():
             row[name] = float(accuracy(strategy, *pairs, reference if name == "locality" else None).nanmean())
-            index = route(scores[name], thresholds)
+            index = route(scores[name], thresholds, strategy.adapter.answers)
             routed = index != MAIN
             row[f"{name}_routed"] = float(routed.float().mean())
             # whether or not another memory scores higher
             row[f"{name}_over_threshold_per_memory"] = [round(float(x), 3) for x in over(scores[name], thresholds)]
             row[f"{name}_per_request"] = per_request(scores[name], thresholds, index, holder)
             if holder is not None and name != "locality":
-                row[f"{name}_routed_to_holder"] = float((index == holder).float().mean())
+                answering = (
+                    holder if strategy.adapter.answers is None else torch.tensor(strategy.adapter.answers)[holder]
+                )
+                row[f"{name}_routed_to_holder"] = float((index == answering).float().mean())
                 shares = taken_by_other_memories(row[f"{name}_per_request"])
                 row |= {f"{name}_{key}": value for key, value in shares.items()}
         rows.append(row)

@@ -107,6 +107,10 @@ class WISE(LinearEditStrategy):
         negative_prompts: JSON list of those prompts (`bundled`: 2000 CounterFact training-split prompts whose
             subjects no bundled file mentions).
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
+        shard_routers: WISE-Merge: keep each shard as it closes to route beside the merged memory, which
+            answers every sequence a shard passes (by the largest factor over its threshold) and is not routed
+            on its own scores: one merged memory's scores cannot tell its edits from others asked the same
+            relation, its shards' can (False: the merged memory routes itself, as in the paper).
         replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
             each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
         rival_margin: WISE-Retrieve: the highest score wins the route, so each plain edit row is also trained to
@@ -135,7 +139,7 @@ class WISE(LinearEditStrategy):
     """
 
     name = "wise"
-    written_once = ("frozen",)  # WISE-Retrieve's frozen memories
+    written_once = ("frozen", "routers")  # WISE-Retrieve's frozen memories, WISE-Merge's shard routers
     serving_settings = ("act_ratio", "keep_route", "route_sketch", "route_candidates")
 
     def __init__(
@@ -178,6 +182,7 @@ class WISE(LinearEditStrategy):
         prompt_negatives: int = 0,
         negative_prompts: str = "bundled",
         retrieve: bool = False,
+        shard_routers: bool = False,
         replay: int = 0,
         rival_margin: float = 0.0,
         rehearse_shard: bool = False,
@@ -225,9 +230,11 @@ class WISE(LinearEditStrategy):
         for name, value in counts.items():
             require(value >= 0, name, "at least 0", value)
         require(route_candidates >= 1, "route_candidates", "at least 1", route_candidates)
+        require(not (shard_routers and retrieve), "shard_routers", "false with retrieve: true", shard_routers)
         require(0 <= num_context <= len(PREFIX_SEEDS), "num_context", f"in [0, {len(PREFIX_SEEDS)}]", num_context)
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
+        self.shard_routers = shard_routers
         self.merge_method, self.merge_density, self.prior_merge_weight = merge_method, merge_density, prior_merge_weight
         self.alpha, self.beta, self.gamma, self.act_ratio = alpha, beta, gamma, act_ratio
         self.act_loss_weight, self.act_loss_form, self.weight_bound = act_loss_weight, act_loss_form, weight_bound
@@ -278,6 +285,7 @@ class WISE(LinearEditStrategy):
             self.basis,
             self.threshold_floor,
             self.seed,
+            self.shard_routers,
         )
         self.swap_subjects = read_subjects(self.negative_subjects) if self.subject_negatives else []
         nearest = self.subject_negatives and self.negative_choice == "nearest"
@@ -582,7 +590,16 @@ class WISE(LinearEditStrategy):
         """Serve the memory's task vectors with their thresholds (`act_ratio` of each one's smallest edit
         score, at least its floor)."""
         serving = self.memory.serving()
-        self.adapter.serve([m.tau for m in serving], [m.threshold(self.act_ratio) for m in serving])
+        taus, thresholds = [m.tau for m in serving], [m.threshold(self.act_ratio) for m in serving]
+        answering = {id(m.answer): m.answer for m in serving if m.answer is not None}
+        answers = None
+        if answering:  # shard routers: their answer serves too, never routed on its own scores
+            taus += answering.values()
+            thresholds += [math.inf] * len(answering)
+            index = {key: len(serving) + i for i, key in enumerate(answering)}
+            answers = [index[id(m.answer)] if m.answer is not None else i for i, m in enumerate(serving)]
+            answers += list(index.values())
+        self.adapter.serve(taus, thresholds, answers)
 
     def callbacks(self) -> list[Any]:
         memory = [KnowledgeSharding(), KnowledgeMerging()]

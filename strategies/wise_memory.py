@@ -30,11 +30,13 @@ class Edit(NamedTuple):
 @dataclass
 class Memory:
     """A side memory that serves: its task vector, the smallest activation score among the edits it
-    holds, and the floor its threshold keeps above (-inf without calibration texts)."""
+    holds, the floor its threshold keeps above (-inf without calibration texts), and the task vector that
+    answers the sequences routed to it (None: its own; a shard router's is the merged memory)."""
 
     tau: Tensor
     min_score: float
     floor: float
+    answer: Tensor | None = None
 
     def threshold(self, act_ratio: float) -> float:
         return max(act_ratio * self.min_score, self.floor)
@@ -48,7 +50,8 @@ class ShardedMemory:
     they are merged (with the earlier merge) into `merged`. WISE-Retrieve then freezes `merged` and
     starts an empty memory. Served: the frozen memories, the closed part (merge of what is closed) and
     the open shard, each routed on its own; the open shard joins the merge only when its group is
-    complete, as in the paper's code.
+    complete, as in the paper's code. With `shard_routers` each closed shard is also kept as it closed, to
+    route (on its own scores and threshold) to the merged memory, which then answers for all of them.
 
     Args:
         like: the main memory's weight (shape, dtype and device of every task vector).
@@ -69,6 +72,7 @@ class ShardedMemory:
         basis: Tensor | None,
         floor: Callable[[Tensor], float],
         seed: int,
+        shard_routers: bool = False,
     ) -> None:
         self.edits_per_shard, self.shards_per_merge, self.mask_ratio = edits_per_shard, shards_per_merge, mask_ratio
         self.merge_method, self.merge_density = merge_method, merge_density
@@ -77,6 +81,8 @@ class ShardedMemory:
         self.shards: list[Tensor] = []  # closed shards of the current memory, not merged yet
         self.merged: Tensor | None = None  # merge of the current memory's earlier groups
         self.frozen: list[Memory] = []  # WISE-Retrieve: finished memories
+        self.shard_routers = shard_routers
+        self.routers: list[Memory] = []  # the closed shards as they closed (`shard_routers`)
         self.closed_min_score = math.inf  # smallest score among the edits of the memory's closed shards
         self.shard_min_score = math.inf  # smallest score among the open shard's edits
         self.shard_edits: list[Edit] = []
@@ -120,8 +126,11 @@ class ShardedMemory:
         return len(self.shards) >= self.shards_per_merge
 
     def close_shard(self) -> None:
-        """Keep the open shard for merging; the next edits train a new random subspace from zero."""
+        """Keep the open shard for merging (and as a router); the next edits train a new random subspace from zero."""
         self.shards.append(self.tau.detach().clone())
+        if self.shard_routers:
+            router = project_out(self.shards[-1], self.basis)
+            self.routers.append(Memory(router, self.shard_min_score, self.floor(router)))
         self.closed_min_score, self.shard_min_score, self.shard_edits = self.min_score, math.inf, []
         self.shard_index += 1
         self.mask = self.shard_mask(self.shard_index)
@@ -153,7 +162,12 @@ class ShardedMemory:
     def serving(self) -> list[Memory]:
         """The memories that answer: the frozen ones, the current memory's closed part and its open shard."""
         memories = list(self.frozen)
-        parts = [(self.closed_part(), self.closed_min_score)]
+        closed = self.closed_part()
+        if self.routers and closed is not None:  # the closed part answers through its shards' routes alone
+            closed = project_out(closed, self.basis)
+            memories += [Memory(r.tau, r.min_score, r.floor, answer=closed) for r in self.routers]
+            closed = None
+        parts = [(closed, self.closed_min_score)]
         parts += [(self.tau.detach().clone(), self.shard_min_score)] if self.shard_edits else []
         for tau, score in parts:
             if tau is not None:
@@ -168,6 +182,8 @@ class ShardedMemory:
             "merged": self.merged,
             "frozen": [memory.tau for memory in self.frozen],
             "frozen_min_scores": [memory.min_score for memory in self.frozen],
+            "routers": [router.tau for router in self.routers],
+            "router_min_scores": [router.min_score for router in self.routers],
             "closed_min_score": self.closed_min_score,
             "shard_min_score": self.shard_min_score,
             "shard_edits": [tuple(edit) for edit in self.shard_edits],
@@ -183,6 +199,10 @@ class ShardedMemory:
         self.frozen = [
             Memory(tau, score, self.floor(tau))
             for tau, score in zip(state["frozen"], state["frozen_min_scores"], strict=True)
+        ]
+        self.routers = [  # absent from checkpoints made before shard routers: none
+            Memory(tau, score, self.floor(tau))
+            for tau, score in zip(state.get("routers", []), state.get("router_min_scores", []), strict=True)
         ]
         self.closed_min_score, self.shard_min_score = state["closed_min_score"], state["shard_min_score"]
         self.shard_edits = [Edit(*edit) for edit in state["shard_edits"]]

@@ -111,6 +111,18 @@ def test_routing_report_rescores_a_finished_run_under_other_thresholds(tmp_path)
     assert taken == pytest.approx(1 - open_gate["reliability_routed_to_holder"])
 
 
+def test_routing_report_counts_a_shard_router_s_route_as_reaching_the_merged_memory_that_holds_its_edits(tmp_path):
+    settings = ("edits_per_shard=1", "shards_per_merge=1", "calibration_texts=0", "shard_routers=true")
+    args = TINY_WISE + [f"--model.strategy.{key}" for key in settings]
+    run_chunk(Path("configs/zsre_wise.yaml"), "wise", 3, 0, tmp_path, args)
+    report = routing_report(tmp_path / "tensorboard" / "wise" / "T3-chunk0", [0.0, 1e9])
+    assert report["memories"] == 4  # three shard routers and the merged memory that answers for them
+    open_gate, closed = report["act_ratio"]
+    assert open_gate["reliability_routed"] == open_gate["reliability_routed_to_holder"] == 1.0
+    assert closed["reliability_routed"] == closed["reliability_routed_to_holder"] == 0.0
+    assert closed["thresholds"][3] == float("inf") and closed["locality"] == 1.0
+
+
 def test_requests_taken_by_other_memories_are_counted_by_the_taking_memorys_age():
     rows = [{"routed": routed, "holder": 1} for routed in (0, 2, -1, 1)]
     assert taken_by_other_memories(rows) == {"to_older_memory": 0.25, "to_newer_memory": 0.25}

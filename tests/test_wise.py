@@ -24,6 +24,7 @@ from wise_cl.side_memory import (
     attach_side_memory,
     detach_side_memory,
     load_side_memories,
+    route,
     save_side_memories,
 )
 from wise_cl.strategies.wise import WISE
@@ -377,6 +378,47 @@ def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, 
     assert strategy.memory.shard_min_score == pytest.approx(score, rel=1e-4)
     scores = (strategy.memory.closed_min_score, strategy.memory.shard_min_score)
     assert strategy.adapter.thresholds == [pytest.approx(strategy.act_ratio * score) for score in scores]
+
+
+def test_route_with_answers_goes_to_the_answer_of_the_memory_past_its_threshold_by_the_most():
+    scores = torch.tensor([[5.0, 1.0, 3.0], [3.0, 1.0, 1.0], [9.0, 9.0, 9.0]])  # [memories, sequences]
+    thresholds = torch.tensor([10.0, 2.0, float("inf")])
+    # the highest score (5.0, memory 0) misses its threshold, memory 1 passes its own: routed to its answer
+    assert route(scores, thresholds).tolist() == [MAIN, MAIN, MAIN]
+    assert route(scores, thresholds, answers=[2, 2, 2]).tolist() == [2, MAIN, MAIN]
+    # the answer-only memory (threshold inf) is never routed on its own scores, however high
+    assert route(scores, thresholds, answers=[0, 1, 2]).tolist() == [1, MAIN, MAIN]
+
+
+def test_shard_routers_route_to_the_merged_memory_which_answers_for_them(tiny, zsre10, tmp_path):
+    model, tokenizer = tiny
+    strategy = small_wise(edits_per_shard=2, shards_per_merge=1, n_iter=4, shard_routers=True)
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, zsre10[:5], lifecycle=True)
+    memory, adapter = strategy.memory, strategy.adapter
+    # two closed shards (edits 0-3) route, the open shard (edit 4) answers itself, the merged memory answers for both
+    assert len(memory.routers) == 2 and len(adapter.taus) == 4
+    assert adapter.answers == [3, 3, 2, 3] and adapter.thresholds[3] == float("inf")
+    torch.testing.assert_close(adapter.taus[3], memory.merged)
+    torch.testing.assert_close(adapter.taus[0], memory.routers[0].tau)
+    (score,) = strategy.edit_scores(memory.routers[1].tau, [memory.edits[2]]).tolist()
+    assert adapter.thresholds[1] <= strategy.act_ratio * score + 1e-4  # a router's threshold: its own edits' scores
+    inputs = tokenizer([r.prompt for r in zsre10[:5]], return_tensors="pt", padding=True)
+    edited = model(**inputs).logits
+    assert set(adapter.route.tolist()) <= {MAIN, 2, 3}  # nothing is answered by a router's own task vector
+    # the routers, the answers and the routing rule travel with the side-memory file
+    strategy.save_side_memories(tmp_path / "side.safetensors")
+    fresh, _ = load_model("tiny")
+    loaded = load_side_memories(fresh, tmp_path / "side.safetensors")
+    assert loaded.answers == adapter.answers and loaded.thresholds == adapter.thresholds
+    torch.testing.assert_close(fresh(**inputs).logits, edited)
+    # and with the strategy's state (a checkpoint): the same routers, thresholds and answers
+    restored = small_wise(edits_per_shard=2, shards_per_merge=1, n_iter=4, shard_routers=True)
+    restored.prepare(model, tokenizer)
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.adapter.answers == adapter.answers and restored.adapter.thresholds == adapter.thresholds
+    with pytest.raises(ValueError, match="shard_routers"):
+        small_wise(retrieve=True, shard_routers=True)
 
 
 def test_side_memories_save_and_load_round_trip(tiny, zsre10, tmp_path):

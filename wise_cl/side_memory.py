@@ -32,11 +32,24 @@ from wise_cl.models import find_module, replace_module
 MAIN = -1  # route index of the main memory
 
 
-def route(scores: Tensor, thresholds: Tensor) -> Tensor:
+def route(scores: Tensor, thresholds: Tensor, answers: list[int] | None = None) -> Tensor:
     """Per sequence, the index of the highest-scoring memory if its score exceeds that memory's threshold,
-    else MAIN; from scores [memories, batch] and thresholds [memories]."""
+    else MAIN; from scores [memories, batch] and thresholds [memories]. With `answers` (per memory, the memory
+    that answers for it) the memory that passes its threshold by the largest factor routes, to its answer."""
+    if answers is not None:
+        factors = (scores / thresholds[:, None]).nan_to_num(nan=-torch.inf)  # -inf (not scored) / inf: NaN
+        index = route(factors, torch.ones_like(thresholds))
+        answering = torch.tensor(answers, device=index.device)
+        return torch.where(index == MAIN, index, answering[index.clamp(min=0)])
     best, index = scores.max(0)
     return torch.where(best > thresholds[index], index, torch.full_like(index, MAIN))
+
+
+def names_each_memory(answers: list[int] | None, memories: int) -> bool:
+    """Whether `answers` (None, or one memory index per memory) is a valid `answers` list for `memories`."""
+    if answers is None:
+        return True
+    return len(answers) == memories and all(isinstance(i, int) and 0 <= i < memories for i in answers)
 
 
 def output_distances(delta: Tensor, base: Tensor | None = None, activation: str | None = None) -> Tensor:
@@ -73,6 +86,7 @@ class SideMemoryLinear(nn.Module):
         self.base = base
         self.taus: list[Tensor] = []
         self.thresholds: list[float] = []
+        self.answers: list[int] | None = None  # per memory, the memory answering for it (None: itself)
         self.train_tau: Tensor | None = None
         self.token_mask: Tensor | None = None
         self.keep_route = False
@@ -104,11 +118,16 @@ class SideMemoryLinear(nn.Module):
         finally:
             self.train_tau = None
 
-    def serve(self, taus: list[Tensor], thresholds: list[float]) -> None:
-        """Answer with these side memories from now on, each above its threshold."""
+    def serve(self, taus: list[Tensor], thresholds: list[float], answers: list[int] | None = None) -> None:
+        """Answer with these side memories from now on, each above its threshold. `answers`: per memory, the
+        index of the memory whose task vector answers the sequences routed to it (WISE-Merge's shard routers
+        answer with the merged memory, which only answers: its threshold is inf); see `route`."""
         if len(taus) != len(thresholds):
             raise ValueError(f"{len(taus)} side memories but {len(thresholds)} thresholds")
+        if not names_each_memory(answers, len(taus)):
+            raise ValueError(f"answers {answers!r} do not name one of the {len(taus)} side memories for each")
         self.taus, self.thresholds = list(taus), list(thresholds)
+        self.answers = list(answers) if answers is not None else None
         self._sketch()
 
     def use_sketch(self, sketch_dim: int, candidates: int) -> None:
@@ -165,7 +184,7 @@ class SideMemoryLinear(nn.Module):
             return torch.full((a.shape[0],), MAIN, dtype=torch.long, device=a.device)
         scores = self.scores(a, base) if self.sketches is None else self.candidate_scores(a, base)
         thresholds = torch.tensor(self.thresholds, dtype=scores.dtype, device=a.device)
-        return route(scores, thresholds)
+        return route(scores, thresholds, self.answers)
 
     def forward(self, a: Tensor) -> Tensor:
         out = self.base(a)
@@ -245,6 +264,7 @@ def save_side_memories(adapter: SideMemoryLinear, path: str | Path, layer: str) 
     metadata["reroute_each_token"] = json.dumps(adapter.reroute_each_token)
     metadata["score_activation"] = json.dumps(adapter.score_activation)
     metadata["sketch"] = json.dumps([adapter.sketch_dim, adapter.candidates])
+    metadata["answers"] = json.dumps(adapter.answers)
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -261,19 +281,22 @@ def load_side_memories(model: nn.Module, path: str | Path) -> SideMemoryLinear:
         reroute_each_token = json.loads(metadata.get("reroute_each_token", "false"))
         score_activation = json.loads(metadata.get("score_activation", "null"))
         sketch_dim, candidates = json.loads(metadata.get("sketch", "[0, 1]"))
+        answers = json.loads(metadata.get("answers", "null"))
     except (OSError, KeyError, ValueError, safetensors.SafetensorError) as error:
         raise ValueError(f"{path}: not a side-memory file written by save_side_memories ({error})") from None
     if len(thresholds) != len(taus) or not all(isinstance(t, (int, float)) for t in thresholds):
         raise ValueError(f"{path}: {len(taus)} side memories but thresholds {thresholds!r}")
     if score_activation is not None and score_activation not in ACT2FN:
         raise ValueError(f"{path}: score_activation '{score_activation}' is no activation function transformers knows")
+    if not names_each_memory(answers, len(taus)):
+        raise ValueError(f"{path}: answers {answers!r} do not name one of the {len(taus)} side memories for each")
     weight = find_module(model, layer).weight
     for i, tau in enumerate(taus):
         if tau.shape != weight.shape or not torch.isfinite(tau).all():
             raise ValueError(f"{path}: tau.{i} is not a finite {tuple(weight.shape)} matrix for layer '{layer}'")
     adapter = attach_side_memory(model, layer)
     adapter.use_sketch(sketch_dim, candidates)
-    adapter.serve([tau.to(adapter.weight) for tau in taus], thresholds)
+    adapter.serve([tau.to(adapter.weight) for tau in taus], thresholds, answers)
     adapter.route_on_prompt = route_on == "prompt"
     adapter.reroute_each_token, adapter.score_activation = bool(reroute_each_token), score_activation
     return adapter
