@@ -111,8 +111,9 @@ class WISE(LinearEditStrategy):
             answers every sequence a shard passes (by the largest factor over its threshold) and is not routed
             on its own scores: one merged memory's scores cannot tell its edits from others asked the same
             relation, its shards' can (False: the merged memory routes itself, as in the paper).
-        replay: WISE-Retrieve: prompts of this many of the latest edits held by frozen memories join
-            each edit as irrelevant rows, so the new memory learns to stay quiet on them (0: off).
+        replay: prompts of this many of the latest edits held by other memories (WISE-Retrieve's frozen ones,
+            WISE-Merge's shard routers) join each edit as irrelevant rows, so the memory under edit learns to
+            stay quiet on them (0: off).
         rival_margin: WISE-Retrieve: the highest score wins the route, so each plain edit row is also trained to
             score this much above the highest score a frozen memory gives it, and each replayed prompt this much
             below it. A frozen memory never sees later edits, and one that responds to a new edit more than the new
@@ -407,14 +408,16 @@ class WISE(LinearEditStrategy):
         return [self.pool_prompts[i] for i in similarity.topk(count).indices.tolist()]
 
     def consolidate(
-        self, edits: list[Edit], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None
+        self, edits: list[Edit], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None, replay: bool = True
     ) -> tuple[int, Tensor]:
         """Train `tau` (default the open shard's, in its mask) on `edits` together, plain prompts only;
-        the steps taken and the edits' scores afterwards."""
+        the steps taken and the edits' scores afterwards (`replay`: with the replayed prompts as negatives)."""
         indices, prompts, targets = (list(column) for column in zip(*edits, strict=True))
         # no memo: its score-only rows (every edit's irrelevant texts and negatives) would not come back,
         # and the memo would keep them in the next checkpoint
-        stats, scores = self._train(prompts, targets, [0] * len(prompts), indices, n_iter, tau, mask, use_memo=False)
+        stats, scores = self._train(
+            prompts, targets, [0] * len(prompts), indices, n_iter, tau, mask, use_memo=False, replay=replay
+        )
         return stats["steps"], scores
 
     def _train(
@@ -427,6 +430,7 @@ class WISE(LinearEditStrategy):
         tau: Tensor | None = None,
         mask: Tensor | None = None,
         use_memo: bool = True,
+        replay: bool = True,
     ) -> tuple[dict[str, float], Tensor]:
         """Train `tau` (default the open shard's, in its mask) on the edit rows (prompt -> target) against
         the irrelevant samples of `indices` and the replayed prompts, and (`rival_margin`) the plain rows
@@ -437,7 +441,7 @@ class WISE(LinearEditStrategy):
         n = self.num_irrelevant
         irrelevant = [self.irrelevant[(i * n + j) % len(self.irrelevant)] for i in indices for j in range(n)]
         irrelevant += [negative for i in indices for negative in self.negatives.get(i, [])]
-        replayed = self.memory.replay_prompts[-self.replay :] if self.replay else []
+        replayed = self.memory.replay_prompts[-self.replay :] if self.replay and replay else []
         irrelevant += replayed
         rows = teacher_forced_batch(self.tokenizer, prompts + irrelevant, targets + [""] * len(irrelevant)).to(
             self.model.device
@@ -547,7 +551,9 @@ class WISE(LinearEditStrategy):
         if self.merge_consolidate_steps and memory.edits:
             merged = memory.merged.clone().requires_grad_(True)
             mask = (memory.merged != 0).to(memory.mask.dtype)
-            _, scores = self.consolidate(self.retraining_edits(), self.merge_consolidate_steps, merged, mask)
+            # with shard routers the replayed prompts are the merged memory's own edits
+            edits, replay = self.retraining_edits(), not self.shard_routers
+            _, scores = self.consolidate(edits, self.merge_consolidate_steps, merged, mask, replay)
             memory.merged = merged.detach()
             memory.closed_min_score = scores.min().item()
         elif self.rescore_on_merge and memory.edits:

@@ -87,7 +87,7 @@ class ShardedMemory:
         self.shard_min_score = math.inf  # smallest score among the open shard's edits
         self.shard_edits: list[Edit] = []
         self.edits: list[Edit] = []  # the current memory's edits (closed shards and open shard)
-        self.replay_prompts: list[str] = []  # prompts of the edits the frozen memories hold
+        self.replay_prompts: list[str] = []  # prompts of the edits the frozen memories (or shard routers) hold
         self.shard_index = 0
         self.mask = self.shard_mask(0)
 
@@ -131,6 +131,7 @@ class ShardedMemory:
         if self.shard_routers:
             router = project_out(self.shards[-1], self.basis)
             self.routers.append(Memory(router, self.shard_min_score, self.floor(router)))
+            self.replay_prompts += [edit.prompt for edit in self.shard_edits]
         self.closed_min_score, self.shard_min_score, self.shard_edits = self.min_score, math.inf, []
         self.shard_index += 1
         self.mask = self.shard_mask(self.shard_index)

@@ -398,6 +398,7 @@ def test_shard_routers_route_to_the_merged_memory_which_answers_for_them(tiny, z
     memory, adapter = strategy.memory, strategy.adapter
     # two closed shards (edits 0-3) route, the open shard (edit 4) answers itself, the merged memory answers for both
     assert len(memory.routers) == 2 and len(adapter.taus) == 4
+    assert memory.replay_prompts == [r.prompt for r in zsre10[:4]]  # the routers' edits, for `replay`
     assert adapter.answers == [3, 3, 2, 3] and adapter.thresholds[3] == float("inf")
     torch.testing.assert_close(adapter.taus[3], memory.merged)
     torch.testing.assert_close(adapter.taus[0], memory.routers[0].tau)
