@@ -407,6 +407,11 @@ def test_shard_routers_route_to_the_merged_memory_which_answers_for_them(tiny, z
     inputs = tokenizer([r.prompt for r in zsre10[:5]], return_tensors="pt", padding=True)
     edited = model(**inputs).logits
     assert set(adapter.route.tolist()) <= {MAIN, 2, 3}  # nothing is answered by a router's own task vector
+    # two-stage routing: the merged memory, which only answers, never takes a candidate's place
+    adapter.use_sketch(8, 1)
+    candidates = adapter.candidate_scores(torch.randn(6, 3, adapter.weight.shape[1]))
+    assert candidates[3].isneginf().all() and candidates[:3].isfinite().any(0).all()
+    adapter.use_sketch(0, 1)
     # the routers, the answers and the routing rule travel with the side-memory file
     strategy.save_side_memories(tmp_path / "side.safetensors")
     fresh, _ = load_model("tiny")

@@ -169,6 +169,8 @@ class SideMemoryLinear(nn.Module):
         mask = self.score_mask(a)
         sketched = F.linear(a, self.sketches).unflatten(-1, (len(self.taus), self.sketch_dim)).norm(dim=-1)
         rough = sequence_scores(sketched.permute(2, 0, 1), mask)  # [memories, batch]
+        only_answers = torch.tensor(self.thresholds, device=rough.device).isposinf()  # never routed on their scores
+        rough = rough.masked_fill(only_answers[:, None], -torch.inf)
         chosen = rough.topk(self.candidates, dim=0).indices
         scores = torch.full_like(rough, -torch.inf)
         for memory in chosen.unique().tolist():
