@@ -476,17 +476,26 @@ def run_stream(tmp_path, callbacks, ckpt_path=None, num_edits=5, start=0, **sett
     return module
 
 
-def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path):
-    whole = run_stream(tmp_path / "whole", [])
+@pytest.mark.parametrize("settings", [{}, {"shards_per_merge": 1, "shard_routers": True}], ids=["merge", "routers"])
+def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path, settings):
+    whole = run_stream(tmp_path / "whole", [], **settings)
     with pytest.raises(SystemExit):
-        run_stream(tmp_path / "killed", [StopAfter(3)])
-    resumed = run_stream(tmp_path / "killed", [], ckpt_path=tmp_path / "killed" / "last.ckpt")
+        run_stream(tmp_path / "killed", [StopAfter(3)], **settings)
+    resumed = run_stream(tmp_path / "killed", [], ckpt_path=tmp_path / "killed" / "last.ckpt", **settings)
     assert resumed.edits_done == whole.edits_done == 5
     assert len(resumed.edit_seconds) == 5
     assert torch.equal(resumed.strategy.memory.tau, whole.strategy.memory.tau)
     for a, b in zip(resumed.strategy.memory.shards, whole.strategy.memory.shards, strict=True):
         assert torch.equal(a, b)
     assert resumed.strategy.adapter.thresholds == whole.strategy.adapter.thresholds
+    assert resumed.strategy.adapter.answers == whole.strategy.adapter.answers
+    for a, b in zip(resumed.strategy.adapter.taus, whole.strategy.adapter.taus, strict=True):
+        assert torch.equal(a, b)
+    if settings:  # two routers (edits 0-3), each written once beside the checkpoint
+        assert sorted(p.name for p in (tmp_path / "killed" / "routers").iterdir()) == [
+            "00000.safetensors",
+            "00001.safetensors",
+        ]
 
 
 def test_the_activation_memo_survives_a_checkpoint(tiny, zsre10):
