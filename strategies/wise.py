@@ -134,6 +134,9 @@ class WISE(LinearEditStrategy):
         merge_retrain_edits: retrain after a merge on at most this many of the memory's edits: the merged
             group's own, then a seeded sample of the older ones, so a merge's cost stops growing with the
             stream; the threshold comes from the retrained edits' scores (0: every edit, as before).
+        merge_retrain_entries: which entries of the merged memory retraining moves: `all` it sets, or only the
+            `new` ones the merged group's shards could change, so that older edits' entries do not drift toward
+            the edits retrained on.
         batch_edit: edit an experience's requests together in one loop (False: one by one).
         cached_forward: run layers below the edited one once per experience (False: full model each step).
         seed: seed for masks and context prefixes.
@@ -191,6 +194,7 @@ class WISE(LinearEditStrategy):
         rescore_on_merge: bool = False,
         merge_consolidate_steps: int = 0,
         merge_retrain_edits: int = 0,
+        merge_retrain_entries: str = "all",
         batch_edit: bool = True,
         cached_forward: bool = True,
         seed: int = 0,
@@ -201,6 +205,7 @@ class WISE(LinearEditStrategy):
         require_choice(act_loss_form, "act_loss_form", ("mean", "official"))
         require_choice(threshold_rows, "threshold_rows", ("plain", "all"))
         require_choice(negative_choice, "negative_choice", ("random", "nearest"))
+        require_choice(merge_retrain_entries, "merge_retrain_entries", ("all", "new"))
         for name, value in (("mask_ratio", mask_ratio), ("merge_density", merge_density)):
             require(0 < value <= 1, name, "in (0, 1]", value)
         require(0 < calibration_quantile <= 1, "calibration_quantile", "in (0, 1]", calibration_quantile)
@@ -254,7 +259,7 @@ class WISE(LinearEditStrategy):
         self.rival_margin = rival_margin
         self.rehearse_shard = rehearse_shard
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
-        self.merge_retrain_edits = merge_retrain_edits
+        self.merge_retrain_edits, self.merge_retrain_entries = merge_retrain_edits, merge_retrain_entries
         self.contexts: list[str] = []
 
     # set-up -------------------------------------------------------------------------------------
@@ -551,6 +556,9 @@ class WISE(LinearEditStrategy):
         if self.merge_consolidate_steps and memory.edits:
             merged = memory.merged.clone().requires_grad_(True)
             mask = (memory.merged != 0).to(memory.mask.dtype)
+            if self.merge_retrain_entries == "new":  # the merged group's shards' subspaces
+                group = range(memory.shard_index - self.shards_per_merge, memory.shard_index)
+                mask = mask * torch.stack([memory.shard_mask(i) for i in group]).amax(0)
             # with shard routers the replayed prompts are the merged memory's own edits
             edits, replay = self.retraining_edits(), not self.shard_routers
             _, scores = self.consolidate(edits, self.merge_consolidate_steps, merged, mask, replay)

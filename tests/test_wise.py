@@ -427,6 +427,19 @@ def test_shard_routers_route_to_the_merged_memory_which_answers_for_them(tiny, z
         small_wise(retrieve=True, shard_routers=True)
 
 
+def test_merge_retraining_of_new_entries_leaves_the_older_shards_entries_as_merged(tiny, zsre10):
+    strategy = small_wise(shards_per_merge=1, merge_consolidate_steps=3, merge_retrain_entries="new")
+    strategy.prepare(*tiny)
+    merged_before_retraining = []
+    merge = strategy.memory.merge
+    strategy.memory.merge = lambda: merge() or merged_before_retraining.append(strategy.memory.merged.clone())
+    edit_requests(strategy, zsre10[:4], lifecycle=True)  # shards of 2 edits: the second merge is at edit 4
+    moved = strategy.memory.merged != merged_before_retraining[-1]
+    assert moved.any() and not (moved & (strategy.memory.shard_mask(1) == 0)).any()
+    with pytest.raises(ValueError, match="merge_retrain_entries"):
+        small_wise(merge_retrain_entries="old")
+
+
 def test_side_memories_save_and_load_round_trip(tiny, zsre10, tmp_path):
     model, tokenizer = tiny
     strategy = small_wise()
