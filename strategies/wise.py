@@ -603,17 +603,8 @@ class WISE(LinearEditStrategy):
     def publish(self) -> None:
         """Serve the memory's task vectors with their thresholds (`act_ratio` of each one's smallest edit
         score, at least its floor)."""
-        serving = self.memory.serving()
-        taus, thresholds = [m.tau for m in serving], [m.threshold(self.act_ratio) for m in serving]
-        answering = {id(m.answer): m.answer for m in serving if m.answer is not None}
-        answers = None
-        if answering:  # shard routers: their answer serves too, never routed on its own scores
-            taus += answering.values()
-            thresholds += [math.inf] * len(answering)
-            index = {key: len(serving) + i for i, key in enumerate(answering)}
-            answers = [index[id(m.answer)] if m.answer is not None else i for i, m in enumerate(serving)]
-            answers += list(index.values())
-        self.adapter.serve(taus, thresholds, answers)
+        memories, answers = self.memory.serving()
+        self.adapter.serve([m.tau for m in memories], [m.threshold(self.act_ratio) for m in memories], answers)
 
     def callbacks(self) -> list[Any]:
         memory = [KnowledgeSharding(), KnowledgeMerging()]

@@ -30,13 +30,11 @@ class Edit(NamedTuple):
 @dataclass
 class Memory:
     """A side memory that serves: its task vector, the smallest activation score among the edits it
-    holds, the floor its threshold keeps above (-inf without calibration texts), and the task vector that
-    answers the sequences routed to it (None: its own; a shard router's is the merged memory)."""
+    holds, and the floor its threshold keeps above (-inf without calibration texts)."""
 
     tau: Tensor
     min_score: float
     floor: float
-    answer: Tensor | None = None
 
     def threshold(self, act_ratio: float) -> float:
         return max(act_ratio * self.min_score, self.floor)
@@ -160,21 +158,26 @@ class ShardedMemory:
             taus, self.merge_method, self.merge_density, weights, seed=self.seed + self.shard_index
         )
 
-    def serving(self) -> list[Memory]:
-        """The memories that answer: the frozen ones, the current memory's closed part and its open shard."""
+    def serving(self) -> tuple[list[Memory], list[int] | None]:
+        """The memories that serve: the frozen ones, the current memory's closed part and its open shard; and,
+        with shard routers, which memory answers for each (None: each for itself). The routers stand in for the
+        closed part, which comes last and only answers (its smallest score, and so its threshold, is inf)."""
         memories = list(self.frozen)
         closed = self.closed_part()
-        if self.routers and closed is not None:  # the closed part answers through its shards' routes alone
-            closed = project_out(closed, self.basis)
-            memories += [Memory(r.tau, r.min_score, r.floor, answer=closed) for r in self.routers]
-            closed = None
-        parts = [(closed, self.closed_min_score)]
+        routed = bool(self.routers) and closed is not None
+        if routed:
+            memories += self.routers
+        parts = [] if routed else [(closed, self.closed_min_score)]
         parts += [(self.tau.detach().clone(), self.shard_min_score)] if self.shard_edits else []
         for tau, score in parts:
             if tau is not None:
                 tau = project_out(tau, self.basis)
                 memories.append(Memory(tau, score, self.floor(tau)))
-        return memories
+        if not routed:
+            return memories, None
+        first, merged = len(self.frozen), len(memories)
+        answers = [merged if first <= i < first + len(self.routers) else i for i in range(merged)]
+        return memories + [Memory(project_out(closed, self.basis), math.inf, -math.inf)], answers + [merged]
 
     def state_dict(self) -> dict[str, Any]:
         return {
