@@ -23,7 +23,7 @@ from wise_cl.editing_forward import CachedForward, FullForward, ProjectedForward
 from wise_cl.key_statistics import cached_tensor, model_fingerprint
 from wise_cl.merging import MERGE_METHODS
 from wise_cl.optimisation import edit_nll, optimise
-from wise_cl.prefixes import PREFIX_SEEDS, generate_prefixes
+from wise_cl.prefixes import PREFIX_SEEDS, PREFIX_STYLES, generate_prefixes
 from wise_cl.records import read_negative_prompts, read_subjects
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import save_side_memories
@@ -63,6 +63,9 @@ class WISE(LinearEditStrategy):
             activation margins may be out of reach, and then the total never falls under the bound).
         num_context: generated context prefixes per edit row (rows per edit = 1 + num_context).
         context_length: tokens per generated prefix.
+        context_style: `sampled`: each prefix samples `context_length` tokens after a seed like "I" or "Because"
+            (seeded); `official` (the paper's code): greedy continuations of "I", "You", "Because", "Yes" and
+            "Q: ", of 5 tokens and then of 10 (`context_length` unused).
         score_context: count the context prefix tokens in an edit row's activation score (False: only
             the prompt and target tokens, which are what a routed sequence holds at inference).
         threshold_rows: the score an edit records for its memory's threshold: `plain`, the smallest score among
@@ -168,6 +171,7 @@ class WISE(LinearEditStrategy):
         early_stop_on: str = "loss",
         num_context: int = 10,
         context_length: int = 10,
+        context_style: str = "sampled",
         score_context: bool = False,
         threshold_rows: str = "plain",
         score_activation: bool = False,
@@ -206,6 +210,7 @@ class WISE(LinearEditStrategy):
         require_choice(threshold_rows, "threshold_rows", ("plain", "all"))
         require_choice(negative_choice, "negative_choice", ("random", "nearest"))
         require_choice(merge_retrain_entries, "merge_retrain_entries", ("all", "new"))
+        require_choice(context_style, "context_style", PREFIX_STYLES)
         for name, value in (("mask_ratio", mask_ratio), ("merge_density", merge_density)):
             require(0 < value <= 1, name, "in (0, 1]", value)
         require(0 < calibration_quantile <= 1, "calibration_quantile", "in (0, 1]", calibration_quantile)
@@ -247,6 +252,7 @@ class WISE(LinearEditStrategy):
         self.lr, self.n_iter, self.early_stop_loss = lr, n_iter, early_stop_loss
         self.early_stop_on = early_stop_on
         self.num_context, self.context_length, self.score_context = num_context, context_length, score_context
+        self.context_style = context_style
         self.threshold_rows, self.score_activation, self.keep_route = threshold_rows, score_activation, keep_route
         self.route_on, self.route_sketch, self.route_candidates = route_on, route_sketch, route_candidates
         self.irrelevant_source, self.num_irrelevant = irrelevant_source, num_irrelevant
@@ -309,8 +315,10 @@ class WISE(LinearEditStrategy):
         save_side_memories(self.adapter, path, self.layer)
 
     def generate_contexts(self) -> list[str]:
-        """Short texts the unedited model writes after seeds like "I" or "Because" (sampled, seeded)."""
-        return generate_prefixes(self.model, self.tokenizer, self.num_context, self.context_length, self.seed)
+        """Short texts the unedited model writes after seeds like "I" or "Because" (see `context_style`)."""
+        return generate_prefixes(
+            self.model, self.tokenizer, self.num_context, self.context_length, self.seed, self.context_style
+        )
 
     @torch.no_grad()
     def token_activations(self, texts: list[str]) -> list[Tensor]:

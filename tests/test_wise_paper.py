@@ -103,6 +103,22 @@ def test_without_keep_route_every_generated_token_is_routed_again(tiny):
     assert routes == [[0], [MAIN], [MAIN]]
 
 
+def test_official_contexts_are_greedy_continuations_of_five_seeds_at_5_then_10_tokens(tiny):
+    def contexts(**options) -> list[str]:
+        strategy = small_wise(num_context=7, **options)
+        strategy.prepare(*tiny)
+        return strategy.generate_contexts()
+
+    official = contexts(context_style="official", seed=3)
+    assert official == contexts(context_style="official", seed=4)  # greedy: no seed enters
+    seeds = ["I", "You", "Because", "Yes", "Q:", "I", "You"]
+    assert all(text.startswith(seed) for text, seed in zip(official, seeds, strict=True))
+    assert official[5].startswith(official[0]) and len(official[5]) > len(official[0])  # 10 tokens, then 5
+    assert contexts(seed=3) != contexts(seed=4)  # the project's prefixes are sampled
+    with pytest.raises(ValueError, match="context_style"):
+        WISE(context_style="greedy")
+
+
 def test_the_paper_config_edits_and_scores(tmp_path, capsys):
     config = ["--config", "configs/zsre_wise_paper.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}"]
     main(["fit", *config, *TINY_WISE, "--data.num_edits=2"])
