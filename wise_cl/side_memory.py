@@ -139,7 +139,8 @@ class SideMemoryLinear(nn.Module):
         self._sketch()
 
     def _sketch(self) -> None:
-        """Stack `S tau` for the serving memories (None when every memory is scored exactly anyway)."""
+        """Stack `S tau` for the serving memories (None when every memory is scored exactly anyway), and mark the
+        memories that only answer (threshold inf), which the sketch never makes candidates."""
         if not self.sketch_dim or len(self.taus) <= self.candidates:
             self.sketches = None
             return
@@ -147,6 +148,7 @@ class SideMemoryLinear(nn.Module):
         generator = torch.Generator().manual_seed(0)
         projection = torch.randn(self.sketch_dim, weight.shape[0], generator=generator) / self.sketch_dim**0.5
         projection = projection.to(weight)
+        self.only_answers = torch.tensor(self.thresholds).isposinf().to(weight.device)
         known, self._sketched, sketches = self._sketched, {}, []
         for tau in self.taus:  # a memory served before and unchanged since (a frozen one) is not projected again
             key = (id(tau), tau._version)
@@ -169,8 +171,7 @@ class SideMemoryLinear(nn.Module):
         mask = self.score_mask(a)
         sketched = F.linear(a, self.sketches).unflatten(-1, (len(self.taus), self.sketch_dim)).norm(dim=-1)
         rough = sequence_scores(sketched.permute(2, 0, 1), mask)  # [memories, batch]
-        only_answers = torch.tensor(self.thresholds, device=rough.device).isposinf()  # never routed on their scores
-        rough = rough.masked_fill(only_answers[:, None], -torch.inf)
+        rough = rough.masked_fill(self.only_answers[:, None], -torch.inf)  # never routed on their scores
         chosen = rough.topk(self.candidates, dim=0).indices
         scores = torch.full_like(rough, -torch.inf)
         for memory in chosen.unique().tolist():
