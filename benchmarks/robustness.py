@@ -112,14 +112,16 @@ def stream_row(
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and worst (lowest score; highest cost, perplexity or share of edits taken by another memory) of every
-    numeric column over the streams."""
+    """Mean, median and worst (lowest score; highest cost, perplexity or share of edits taken by another memory)
+    of every numeric column over the streams; the median keeps one slow stream (a paused run) from setting the
+    typical s/edit."""
     keys = [k for k in rows[0] if k not in ("stream", "data", "start", "T", "commit")]
-    summary: dict[str, dict[str, float]] = {"mean": {}, "worst": {}}
+    summary: dict[str, dict[str, float]] = {"mean": {}, "median": {}, "worst": {}}
     for key in keys:
         values = [row[key] for row in rows if isinstance(row.get(key), int | float)]
         if values:
             summary["mean"][key] = statistics.fmean(values)
+            summary["median"][key] = statistics.median(values)
             summary["worst"][key] = max(values) if key in WORST_IS_HIGHEST else min(values)
     return summary
 

@@ -167,12 +167,16 @@ def test_stream_costs_add_the_memory_callbacks_to_each_edit_and_read_every_check
 
 def test_the_worst_stream_is_the_one_whose_edits_other_memories_take_most():
     rows = [
-        {"stream": "a", "reliability": 0.9, "to_older_memory": 0.1},
-        {"stream": "b", "reliability": 0.8, "to_older_memory": 0.0},
+        {"stream": "a", "reliability": 0.9, "to_older_memory": 0.1, "edit_seconds_median": 3.0},
+        {"stream": "b", "reliability": 0.8, "to_older_memory": 0.0, "edit_seconds_median": 4.0},
+        {"stream": "c", "reliability": 1.0, "to_older_memory": 0.0, "edit_seconds_median": 50.0},
     ]
     summary = aggregate(rows)
-    assert summary["worst"] == {"reliability": 0.8, "to_older_memory": 0.1}
-    assert summary["mean"]["to_older_memory"] == pytest.approx(0.05)
+    assert summary["worst"] == {"reliability": 0.8, "to_older_memory": 0.1, "edit_seconds_median": 50.0}
+    assert summary["mean"]["to_older_memory"] == pytest.approx(0.1 / 3)
+    # one paused stream sets the mean s/edit, not the median
+    assert summary["mean"]["edit_seconds_median"] == pytest.approx(19.0)
+    assert summary["median"]["edit_seconds_median"] == 4.0
 
 
 def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
