@@ -40,6 +40,11 @@ class EditStrategy(ABC):
     def edit(self, batch: EditBatch) -> dict[str, float]:
         """Apply the edits of one experience; return statistics to log (loss, steps, ...)."""
 
+    def flush(self) -> None:
+        """Complete any edits the method holds back (MEMIT with `defer_update`); the harness calls it after the
+        stream's last edit and before it scores the model."""
+        return None
+
     def callbacks(self) -> list[Any]:
         """Lightning callbacks that manage the method's state between experiences."""
         return []

@@ -7,12 +7,16 @@ Then layer by layer from the first: the keys K (each request's layer input at th
 averaged over its prompts) and the gap still open, R = (z - h) / (layers left), give the least-squares change
 W_l += R^T K (lambda C_l + K^T K)^-1, which maps K towards R while keeping the corpus keys' outputs
 (C_l = E[k k^T] over the corpus, weight lambda). One experience holding the whole stream is MEMIT-MASS
-(`data.edits_per_experience` at least T); one edit per experience is MEMIT applied edit by edit.
+(`data.edits_per_experience` at least T); one edit per experience is MEMIT applied edit by edit. With
+`defer_update`, each experience only computes its requests' targets and the batch update over all of them waits
+for the stream's end (`flush`): MEMIT-MASS again, but checkpointed request by request, so a long stream resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import time
 from typing import Any
 
 import torch
@@ -47,6 +51,9 @@ class MEMIT(ServedTaskVectors, ROME):
         layer: the last edited projection, where the value changes are optimised.
         num_layers: consecutive layers edited, ending at `layer`.
         moment_weight: lambda, the weight of the corpus keys' second moment against the batch's keys.
+        defer_update: hold every experience's targets and make one batch update over all of them when the
+            harness flushes the strategy (after the stream's last edit, before scoring); the model stays unedited
+            until then, as MEMIT-MASS computes every target on the unedited model.
         **kwargs: ROME's value-change, prefix and corpus settings.
     """
 
@@ -57,12 +64,13 @@ class MEMIT(ServedTaskVectors, ROME):
         layer: str = "model.layers.8.mlp.down_proj",
         num_layers: int = 5,
         moment_weight: float = 15000.0,
+        defer_update: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(layer=layer, **kwargs)
         require(num_layers >= 1, "num_layers", "at least 1", num_layers)
         require(moment_weight > 0, "moment_weight", "positive", moment_weight)
-        self.num_layers, self.moment_weight = num_layers, moment_weight
+        self.num_layers, self.moment_weight, self.defer_update = num_layers, moment_weight, defer_update
         self.layers = consecutive_layers(layer, num_layers)
 
     def measure_keys(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -78,6 +86,9 @@ class MEMIT(ServedTaskVectors, ROME):
         self.taus = {layer: torch.zeros_like(adapter.weight) for layer, adapter in self.adapters.items()}
         self.tau = self.taus[self.layer]
         self.residual = model.base_model.layers[decoder_layer_index(self.layer)]  # its output: the residual stream
+        self.held_requests: list[EditRequest] = []
+        self.held_targets: list[Tensor] = []
+        self.update_seconds = 0.0
 
     def detach(self) -> None:
         for layer in self.layers[:-1]:
@@ -88,21 +99,43 @@ class MEMIT(ServedTaskVectors, ROME):
 
     def edit(self, batch: EditBatch) -> dict[str, float]:
         requests = batch.requests
+        targets, stats = self.targets(requests)
+        if self.defer_update:
+            self.held_requests += requests
+            self.held_targets += list(targets)
+        else:
+            self.spread(requests, targets)
+        self.edits += len(requests)
+        return stats
+
+    def flush(self) -> None:
+        """`defer_update`: one batch update over every held request (nothing to do otherwise)."""
+        if self.held_requests:
+            start = time.perf_counter()
+            self.spread(self.held_requests, torch.stack(self.held_targets))
+            self.held_requests, self.held_targets = [], []
+            self.update_seconds += time.perf_counter() - start
+
+    def targets(self, requests: list[EditRequest]) -> tuple[Tensor, dict[str, float]]:
+        """Per request, the residual z = h + d its value change d asks for after the last edited layer:
+        [requests, out]; with the mean of the value optimisations' statistics."""
         start = self.residual_at_subject(requests)
         stats, changes = [], []
         for request, key in zip(requests, self.keys(self.adapter, requests), strict=True):
             change, request_stats = self.value_change(request, key)
             changes.append(change)
             stats.append(request_stats)
-        target = start + torch.stack(changes)
+        return start + torch.stack(changes), mean_stats(stats)
+
+    def spread(self, requests: list[EditRequest], target: Tensor) -> None:
+        """Close the gap between the residual and `target` layer by layer, each layer taking its share."""
+        start = self.residual_at_subject(requests)
         for index, layer in enumerate(self.layers):
             keys = self.keys(self.adapters[layer], requests)
             residual = start if index == 0 else self.residual_at_subject(requests)  # nothing changed before layer 0
             gap = (target - residual) / (len(self.layers) - index)
             self.taus[layer] += self.layer_update(layer, keys, gap)
             self.publish()
-        self.edits += len(requests)
-        return mean_stats(stats)
 
     @torch.no_grad()
     def residual_at_subject(self, requests: list[EditRequest]) -> Tensor:
@@ -122,9 +155,18 @@ class MEMIT(ServedTaskVectors, ROME):
 
     # checkpoints --------------------------------------------------------------------------------
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), **({"batch_update_seconds": self.update_seconds} if self.defer_update else {})}
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "prefixes": self.prefixes}
+        held = {
+            "held_requests": [dataclasses.asdict(request) for request in self.held_requests],
+            "held_targets": [target.clone() for target in self.held_targets],
+        }
+        return {**super().state_dict(), "prefixes": self.prefixes, **held}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prefixes = state["prefixes"]
+        self.held_requests = [EditRequest(**request) for request in state.get("held_requests", [])]
+        self.held_targets = list(state.get("held_targets", []))
         super().load_state_dict(state)

@@ -313,6 +313,36 @@ def test_rome_and_memit_raise_the_target_token_their_key_predicts(name, tiny, zs
     assert stats[-1]["steps"] >= 1 and strategy.describe()["edits"] == 3
 
 
+def test_deferred_memit_holds_its_targets_and_makes_the_mass_update_at_the_end(tiny, zsre10):
+    # request by request with `defer_update`, checkpointed and resumed half-way, then flushed: the same change
+    # as one batch of all three (MEMIT-MASS), and no change to the model before the flush; 128 corpus tokens per
+    # text make C full rank (with 32 it is singular and the last layer's solve amplifies rounding a millionfold)
+    model, tokenizer = tiny
+    settings = dict(corpus_tokens=128)
+    requests = [dataclasses.replace(zsre10[i], prompt=zsre10[i].prompt[:-1], subject=None) for i in (0, 2, 3)]
+    mass = tiny_strategy("memit", **settings)
+    mass.prepare(model, tokenizer)
+    mass.edit(EditBatch([0, 1, 2], requests))
+    expected = {layer: tau.clone() for layer, tau in mass.taus.items()}
+    mass.detach()
+    deferred = tiny_strategy("memit", defer_update=True, **settings)
+    deferred.prepare(model, tokenizer)
+    deferred.edit(EditBatch([0], requests[:1]))
+    state = deferred.state_dict()
+    deferred.detach()
+    resumed = tiny_strategy("memit", defer_update=True, **settings)
+    resumed.prepare(model, tokenizer)
+    resumed.load_state_dict(state)
+    for i in (1, 2):
+        resumed.edit(EditBatch([i], requests[i : i + 1]))
+    assert all(tau.count_nonzero() == 0 for tau in resumed.taus.values()) and len(resumed.held_requests) == 3
+    resumed.flush()
+    for layer, tau in resumed.taus.items():
+        torch.testing.assert_close(tau, expected[layer], rtol=1e-3, atol=1e-5)
+    assert resumed.held_requests == [] and resumed.describe()["batch_update_seconds"] > 0
+    resumed.detach()
+
+
 def test_memit_layer_update_solves_its_least_squares_system(tiny):
     strategy = tiny_strategy("memit")
     strategy.prepare(*tiny)
@@ -409,6 +439,37 @@ def test_cli_fit_runs_each_baseline_config(name, tmp_path, capsys):
     metrics = json.loads(path.read_text())
     assert metrics["strategy"] == name and metrics["edits_done"] == 2
     assert 0.0 <= metrics["reliability"] <= 1.0 and metrics["layer"] == TINY_LAYER
+
+
+def test_resumable_mass_extends_a_stream_to_the_same_update_as_one_run(tmp_path, capsys):
+    # configs/mass_resumable.yaml: T=1, then extended to T=2 from its checkpoint (which holds the first request's
+    # target, not an update), ends where one T=2 run ends
+    def fit(version: str, num_edits: int, *resume: str) -> dict:
+        main(
+            [
+                "fit",
+                "--config=configs/zsre_memit_mass.yaml",
+                "--config=configs/mass_resumable.yaml",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                f"--trainer.logger.init_args.version={version}",
+                "--model.model_name=tiny",
+                "--model.exact_match=false",
+                f"--model.strategy.layer={TINY_LAYER}",
+                "--model.strategy.corpus_tokens=128",
+                f"--data.num_edits={num_edits}",
+                *CLI_EXTRA["memit"],
+                *resume,
+            ]
+        )
+        return json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+
+    fit("extended", 1)
+    checkpoint = tmp_path / "zsre_memit_mass" / "extended" / "checkpoints" / "last.ckpt"
+    extended = fit("extended", 2, f"--ckpt_path={checkpoint}")
+    whole = fit("whole", 2)
+    assert extended["edits_done"] == whole["edits_done"] == 2 and whole["batch_update_seconds"] > 0
+    assert whole["tau_norm"] > 0 and extended["tau_norm"] == pytest.approx(whole["tau_norm"], rel=1e-4)
+    assert extended["reliability"] == pytest.approx(whole["reliability"], abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["ewc", "grace"])

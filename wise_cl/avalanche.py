@@ -172,6 +172,7 @@ class AvalancheEditor(BaseTemplate):
 
     def _before_eval(self, **kwargs: Any) -> None:
         self.ensure_locality_reference()
+        self.strategy.flush()
         self.metrics.reset()
         super()._before_eval(**kwargs)
 

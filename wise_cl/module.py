@@ -108,6 +108,9 @@ class EditingModule(L.LightningModule):
         # collections stop walking their half a million objects (.2-.3 s each, every few dozen edits of a long stream)
         gc.freeze()
 
+    def on_train_end(self) -> None:
+        self.strategy.flush()
+
     def on_fit_end(self) -> None:
         gc.unfreeze()
 
@@ -125,6 +128,7 @@ class EditingModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.ensure_locality_reference()
+        self.strategy.flush()  # a checkpoint saved before the stream's end may hold edits back
         self.metrics.reset()
 
     def test_step(self, batch: EditBatch, batch_idx: int) -> None:
