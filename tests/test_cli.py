@@ -259,16 +259,23 @@ def test_temporal_overlay_scores_out_of_distribution_generalization_along_the_st
     assert last["ood_generalization"] == pytest.approx(metrics["ood_generalization"])
 
 
-OVERLAYS = ("configs/temporal.yaml", "configs/hallucination.yaml", "configs/long_stream.yaml")  # after any config
+OVERLAYS = {  # config -> the config it goes after (any strategy's; these are ZsRE's)
+    "configs/temporal.yaml": "configs/zsre_grace.yaml",
+    "configs/hallucination.yaml": "configs/zsre_grace.yaml",
+    "configs/long_stream.yaml": "configs/zsre_grace.yaml",
+    "configs/mass_resumable.yaml": "configs/zsre_memit_mass.yaml",
+}
 
 
 @pytest.mark.parametrize("config", sorted(str(path) for path in Path("configs").glob("*.yaml")))
 def test_every_config_parses(config, capsys):
-    configs = ["--config", "configs/zsre_grace.yaml"] * (config in OVERLAYS) + ["--config", config]
+    configs = (["--config", OVERLAYS[config]] if config in OVERLAYS else []) + ["--config", config]
     with pytest.raises(SystemExit) as done:
         main(["fit", *configs, "--print_config"])
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
-    data = "zsre" if config == "configs/long_stream.yaml" else Path(config).stem.split("_")[0]  # ZsRE: GRACE's
+    leave_data = ("configs/long_stream.yaml", "configs/mass_resumable.yaml")  # overlays that keep ZsRE
+    data = "zsre" if config in leave_data else Path(config).stem.split("_")[0]
     assert f"path: {data}" in printed and "class_path: wise_cl.strategies." in printed
+    assert config != "configs/mass_resumable.yaml" or "defer_update: true" in printed
     assert config != "configs/long_stream.yaml" or "max_requests: 500" in printed
