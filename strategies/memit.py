@@ -129,11 +129,9 @@ class MEMIT(ServedTaskVectors, ROME):
 
     def spread(self, requests: list[EditRequest], target: Tensor) -> None:
         """Close the gap between the residual and `target` layer by layer, each layer taking its share."""
-        start = self.residual_at_subject(requests)
         for index, layer in enumerate(self.layers):
             keys = self.keys(self.adapters[layer], requests)
-            residual = start if index == 0 else self.residual_at_subject(requests)  # nothing changed before layer 0
-            gap = (target - residual) / (len(self.layers) - index)
+            gap = (target - self.residual_at_subject(requests)) / (len(self.layers) - index)
             self.taus[layer] += self.layer_update(layer, keys, gap)
             self.publish()
 
