@@ -1,11 +1,15 @@
 import cProfile
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY_LAYER, TINY_WISE
 
+from wise_cl.benchmarks.ablation import PAPER, TUNED, ladder, with_changes
+from wise_cl.benchmarks.ablation import main as ablation
 from wise_cl.benchmarks.activation_overlap import mean_activations, overlap
 from wise_cl.benchmarks.compare import compare, run_chunk
 from wise_cl.benchmarks.edit_speed import time_by_function, timed_stream
@@ -65,6 +69,51 @@ def test_sweep_variant_becomes_strategy_overrides():
     ]
     with pytest.raises(SystemExit, match="--set 'lr': expected"):
         key_values(["lr"], "--set")
+
+
+def strategy_settings(config: Path) -> dict:
+    """A config's WISE settings, the class defaults filled in."""
+    defaults = {k: p.default for k, p in inspect.signature(WISE).parameters.items()}
+    return defaults | yaml.safe_load(config.read_text())["model"]["strategy"]["init_args"]
+
+
+def test_ablation_steps_lead_from_the_paper_config_to_the_tuned_one():
+    steps = ladder()
+    assert steps[0] == ("the paper's config", "")
+    settings = strategy_settings(PAPER)
+    for key, value in (pair.split("=", 1) for pair in steps[-1][1].split()):
+        settings[key] = yaml.safe_load(value)
+    assert settings == strategy_settings(TUNED)
+    # every step adds something, and a later step keeps what the earlier ones set
+    variants = [set(variant.split()) for _, variant in steps]
+    assert all(before < after for before, after in zip(variants, variants[1:], strict=False))
+
+
+def test_ablation_changes_are_against_the_previous_step_on_the_same_chunk():
+    rows = [
+        {"chunk": 1, "reliability": 0.5, "exact_match": None},
+        {"chunk": 2, "reliability": 0.9, "exact_match": 0.1},
+        {"chunk": 1, "reliability": 0.75, "exact_match": 0.2},
+    ]
+    rows = with_changes([row | {"generalization": 0.1, "locality": 1.0, "edit_seconds_median": 2.0} for row in rows])
+    assert [row["d_reliability"] for row in rows] == [None, None, 0.25]
+    assert rows[2]["d_exact_match"] is None and rows[2]["d_locality"] == 0.0
+
+
+def test_ablation_runs_each_step_on_the_paper_config_and_tabulates_the_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr("wise_cl.benchmarks.ablation.DEPARTURES", [("a higher lr", {"lr": 0.5})])
+    out = tmp_path / "ablation"
+    argv = ["ablation", "--num-edits", "1", "--chunks", "0", "--out", str(out), "--", *TINY_WISE]
+    monkeypatch.setattr("sys.argv", argv)
+    ablation()
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [row["step"] for row in rows] == ["the paper's config", "+ a higher lr"]
+    runs = [out / "tensorboard" / row["run"] / "T1-chunk0" for row in rows]
+    settings = [yaml.safe_load((run / "config.yaml").read_text())["model"]["strategy"]["init_args"] for run in runs]
+    assert [s["lr"] for s in settings] == [1.0, 0.5]
+    assert settings[0]["edits_per_shard"] == 500  # the paper's
+    assert rows[1]["d_reliability"] == pytest.approx(rows[1]["reliability"] - rows[0]["reliability"])
+    assert "| + a higher lr | 0 | v2 |" in (out / "ablation.md").read_text()
 
 
 def test_edit_speed_times_the_plain_loop_on_the_same_edits_without_changing_the_stream(zsre10):
