@@ -21,6 +21,8 @@ from wise_cl.benchmarks.scale_up import main as scale_up
 from wise_cl.benchmarks.soak import main as soak
 from wise_cl.benchmarks.stream_costs import costs
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
+from wise_cl.benchmarks.tune_baselines import GRIDS, variants
+from wise_cl.benchmarks.tune_baselines import main as tune_baselines
 from wise_cl.cli import main as wise_cl
 from wise_cl.strategies.wise import WISE
 
@@ -114,6 +116,40 @@ def test_ablation_runs_each_step_on_the_paper_config_and_tabulates_the_changes(t
     assert settings[0]["edits_per_shard"] == 500  # the paper's
     assert rows[1]["d_reliability"] == pytest.approx(rows[1]["reliability"] - rows[0]["reliability"])
     assert "| + a higher lr | 0 | v2 |" in (out / "ablation.md").read_text()
+
+
+@pytest.mark.parametrize("config", list(GRIDS))
+def test_tuning_grids_name_settings_of_their_strategy_and_differ_from_the_config(config):
+    strategy = yaml.safe_load(Path(config).read_text())["model"]["strategy"]
+    module, name = strategy["class_path"].rsplit(".", 1)
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    defaults = {}  # every constructor argument of the class and of the classes it passes **kwargs to
+    for base in reversed(cls.__mro__[:-1]):
+        params = inspect.signature(base.__init__).parameters.values()
+        defaults |= {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"}
+    settings = defaults | strategy["init_args"]
+    for key, values in GRIDS[config].items():
+        assert key in settings and settings[key] not in values, key
+    grid_variants = variants(GRIDS[config])
+    assert grid_variants[0] == "" and len(grid_variants) == 1 + sum(map(len, GRIDS[config].values()))
+
+
+def test_tune_baselines_runs_each_setting_and_marks_the_best(tmp_path, monkeypatch):
+    config = "configs/zsre_ewc_paper.yaml"  # FT-EWC with Adam and ROME's objective runs here too
+    monkeypatch.setitem(GRIDS, config, {"n_iter": [1]})
+    out = tmp_path / "tuning"
+    tiny = ["--model.model_name=tiny", "--model.exact_match=false", f"--model.strategy.layer={TINY_LAYER}"]
+    argv = ["tune_baselines", "--configs", config, "--num-edits", "2", "--chunk", "0", "--out", str(out), "--", *tiny]
+    monkeypatch.setattr("sys.argv", argv)
+    tune_baselines()
+    rows = json.loads((out / "tuning.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["(as is)", "n_iter=1"]
+    assert [row["strategy"] for row in rows] == ["ewc_paper"] * 2
+    mean = [sum(row[k] for k in ("reliability", "generalization", "locality")) / 3 for row in rows]
+    assert [row["quality"] for row in rows] == pytest.approx(mean)
+    assert [row["best"] for row in rows] == [mean[0] >= mean[1], mean[0] < mean[1]]
+    assert (out / "ewc_paper" / "tensorboard" / "v2" / "T2-chunk0" / "metrics.json").exists()
+    assert "**best**" in (out / "tuning.md").read_text()
 
 
 def test_edit_speed_times_the_plain_loop_on_the_same_edits_without_changing_the_stream(zsre10):
