@@ -36,6 +36,8 @@ ROUTING = {
     "forced_reliability": "forced Rel",
     "routed_to_holder": "routed to holder",
     "to_older_memory": "to an older memory",
+    "forced_generalization": "forced Gen",
+    "rephrase_routed_to_holder": "reph. routed to holder",
 }
 WORST_IS_HIGHEST = LOWER_IS_BETTER | {"to_older_memory", "to_newer_memory"}
 
@@ -78,17 +80,18 @@ def single_edit_streams(count: int) -> list[Stream]:
 
 
 def routing_columns(folder: Path) -> dict[str, Any]:
-    """From the run's routing report (made once, kept as routing.json): reliability when every edit is answered
-    by the memory that holds it, the shares of edit prompts and rephrasings routed to that memory, and the share
-    of edit prompts taken by a memory frozen before it."""
+    """From the run's routing report (made once, kept as routing.json): reliability and generalization when every
+    edit is answered by the memory that holds it, the shares of edit prompts and rephrasings routed to that memory,
+    and the share of edit prompts taken by a memory frozen before it."""
     path = folder / "routing.json"
     if not path.exists():
         report = routing_report(folder)
         path.write_text(json.dumps(report, indent=1) + "\n")
     report = json.loads(path.read_text())
-    row = report["act_ratio"][0]
+    row, forced = report["act_ratio"][0], report.get("holding_memory_accuracy", {})
     return {
-        "forced_reliability": report.get("holding_memory_accuracy", {}).get("reliability"),
+        "forced_reliability": forced.get("reliability"),
+        "forced_generalization": forced.get("generalization"),
         "routed_to_holder": row.get("reliability_routed_to_holder"),
         "rephrase_routed_to_holder": row.get("generalization_routed_to_holder"),
         "locality_routed": row.get("locality_routed"),

@@ -279,6 +279,7 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     assert all(r["reliability@3"] is not None and r["curve_min_reliability_from_20"] is None for r in rows)
     # WISE-Merge holds every edit in its one memory: the routing report's forced and routed figures come along
     assert all(0 <= r["forced_reliability"] <= 1 and 0 <= r["routed_to_holder"] <= 1 for r in rows)
+    assert all(0 <= r["forced_generalization"] <= 1 and 0 <= r["rephrase_routed_to_holder"] <= 1 for r in rows)
     assert (tmp_path / "runs" / "counterfact_5_T3" / "routing.json").is_file()
     lines = (tmp_path / "results.md").read_text().splitlines()
     header = next(line for line in lines if line.startswith("| stream |"))
@@ -286,7 +287,7 @@ def test_robustness_runs_each_stream_and_reports_mean_and_worst(tmp_path):
     # lowest reliability from edit 20 on, in 3-edit streams)
     assert header == (
         "| stream | Rel. | Gen. | Loc. | PPL | s/edit | Rel@3 | Loc@3 | forced Rel | routed to holder"
-        " | to an older memory |"
+        " | to an older memory | forced Gen | reph. routed to holder |"
     )
     assert all(line.count("|") == header.count("|") for line in lines if line.startswith("| zsre_train_0_T3 |"))
     assert len(result["single_edits"]["rows"]) == 2 and result["commit"]
