@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wise_cl.benchmarks.compare import SCORES, markdown_table, run_chunk
-from wise_cl.benchmarks.sweep import run_names, variant_args
+from wise_cl.benchmarks.compare import SCORES, markdown_table
+from wise_cl.benchmarks.sweep import run_names, run_variant
 
 PAPER = Path("configs/zsre_wise_paper.yaml")
 TUNED = Path("configs/zsre_wise.yaml")
@@ -106,10 +106,8 @@ def main() -> None:
     rows = []
     for chunk in args.chunks:
         for step, variant in steps:
-            overrides = [*extra, *(variant_args(variant) if variant else [])]
-            result = run_chunk(PAPER, names[variant], args.num_edits, chunk, args.out, overrides)
-            rows.append({"step": step, "run": names[variant], "chunk": chunk, "commit": result.get("commit")})
-            rows[-1] |= {key: result.get(key) for key in SCORES}
+            scores = run_variant(PAPER, variant, names[variant], args.num_edits, chunk, args.out, extra)
+            rows.append({"step": step, "run": names[variant], "chunk": chunk} | scores)
             print(json.dumps(rows[-1]), flush=True)
     rows = with_changes(rows)
     command = "python -m wise_cl.benchmarks.ablation " + shlex.join(sys.argv[1:])

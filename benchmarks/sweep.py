@@ -19,6 +19,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from wise_cl.benchmarks.compare import SCORES, markdown_table, run_chunk
 
@@ -32,8 +33,18 @@ def key_values(items: list[str], option: str) -> list[tuple[str, str]]:
 
 
 def variant_args(variant: str) -> list[str]:
-    """`"alpha=2 beta=10"` -> the CLI overrides of the strategy's init_args."""
+    """`"alpha=2 beta=10"` -> the CLI overrides of the strategy's init_args (`""`: none, the config as it is)."""
+    if not variant.strip():
+        return []
     return [f"--model.strategy.init_args.{key}={value}" for key, value in key_values(variant.split(), "--variant")]
+
+
+def run_variant(
+    config: Path, variant: str, name: str, num_edits: int, chunk: int, out: Path, extra: list[str]
+) -> dict[str, Any]:
+    """One chunk of `config` with `variant`'s settings, logged as run `name`: its commit and scores."""
+    result = run_chunk(config, name, num_edits, chunk, out, [*extra, *variant_args(variant)])
+    return {"commit": result.get("commit")} | {key: result.get(key) for key in SCORES}
 
 
 def run_names(out: Path, variants: list[str]) -> dict[str, str]:
@@ -72,10 +83,8 @@ def main() -> None:
     rows = []
     for variant in args.variant:
         for chunk in args.chunks:
-            overrides = [*extra, *variant_args(variant)]
-            result = run_chunk(args.config, names[variant], args.num_edits, chunk, args.out, overrides)
-            row = {"variant": variant, "run": names[variant], "chunk": chunk, "commit": result.get("commit")}
-            rows.append(row | {k: result.get(k) for k in SCORES})
+            scores = run_variant(args.config, variant, names[variant], args.num_edits, chunk, args.out, extra)
+            rows.append({"variant": variant, "run": names[variant], "chunk": chunk} | scores)
             print(json.dumps(rows[-1]), flush=True)
     command = "python -m wise_cl.benchmarks.sweep " + shlex.join(sys.argv[1:])
     print(write_results(args.out, command, rows))

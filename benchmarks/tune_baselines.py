@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wise_cl.benchmarks.compare import SCORES, markdown_table, run_chunk, strategy_name
-from wise_cl.benchmarks.sweep import run_names, variant_args
+from wise_cl.benchmarks.compare import SCORES, markdown_table, strategy_name
+from wise_cl.benchmarks.sweep import run_names, run_variant
 
 
 def layers(*indices: int) -> list[str]:
@@ -74,15 +74,13 @@ def tune(
     """Run every variant of `config` on one chunk; a row per variant, the best (highest quality) marked."""
     folder = out / strategy_name(config)
     folder.mkdir(parents=True, exist_ok=True)
-    names = run_names(folder, variants(grid))
+    tried = variants(grid)
+    names = run_names(folder, tried)
     rows = []
-    for variant in variants(grid):
-        result = run_chunk(
-            config, names[variant], num_edits, chunk, folder, [*extra, *variant_args(variant)] if variant else extra
-        )
-        row = {"strategy": strategy_name(config), "variant": variant or "(as is)", "run": names[variant]}
-        rows.append(row | {"commit": result.get("commit")} | {key: result.get(key) for key in SCORES})
-        rows[-1]["quality"] = quality(rows[-1])
+    for variant in tried:
+        scores = run_variant(config, variant, names[variant], num_edits, chunk, folder, extra)
+        row = {"strategy": strategy_name(config), "variant": variant or "(as is)", "run": names[variant]} | scores
+        rows.append(row | {"quality": quality(scores)})
         print(json.dumps(rows[-1]), flush=True)
     best = max(rows, key=lambda row: -1.0 if row["quality"] is None else row["quality"])
     for row in rows:

@@ -74,9 +74,15 @@ def test_sweep_variant_becomes_strategy_overrides():
 
 
 def strategy_settings(config: Path) -> dict:
-    """A config's WISE settings, the class defaults filled in."""
-    defaults = {k: p.default for k, p in inspect.signature(WISE).parameters.items()}
-    return defaults | yaml.safe_load(config.read_text())["model"]["strategy"]["init_args"]
+    """A config's strategy settings, with every constructor default of its class (and of the classes it passes
+    **kwargs to) filled in."""
+    strategy = yaml.safe_load(config.read_text())["model"]["strategy"]
+    module, name = strategy["class_path"].rsplit(".", 1)
+    defaults = {}
+    for base in reversed(getattr(__import__(module, fromlist=[name]), name).__mro__[:-1]):
+        params = inspect.signature(base.__init__).parameters.values()
+        defaults |= {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"}
+    return defaults | strategy["init_args"]
 
 
 def test_ablation_steps_lead_from_the_paper_config_to_the_tuned_one():
@@ -120,14 +126,7 @@ def test_ablation_runs_each_step_on_the_paper_config_and_tabulates_the_changes(t
 
 @pytest.mark.parametrize("config", list(GRIDS))
 def test_tuning_grids_name_settings_of_their_strategy_and_differ_from_the_config(config):
-    strategy = yaml.safe_load(Path(config).read_text())["model"]["strategy"]
-    module, name = strategy["class_path"].rsplit(".", 1)
-    cls = getattr(__import__(module, fromlist=[name]), name)
-    defaults = {}  # every constructor argument of the class and of the classes it passes **kwargs to
-    for base in reversed(cls.__mro__[:-1]):
-        params = inspect.signature(base.__init__).parameters.values()
-        defaults |= {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"}
-    settings = defaults | strategy["init_args"]
+    settings = strategy_settings(Path(config))
     for key, values in GRIDS[config].items():
         assert key in settings and settings[key] not in values, key
     grid_variants = variants(GRIDS[config])
