@@ -125,9 +125,12 @@ class WISE(LinearEditStrategy):
         rehearse_shard: each edit also trains on the plain prompts of the open shard's earlier edits, so the
             shard's edits do not overwrite each other (False: as in the paper).
         consolidate_steps: when a shard is full, train it this many more steps on all its edits together
-            (their plain prompts, without context rows) and record their scores again for the threshold;
-            edits made one after another overwrite each other in a shard, and this recovers them
+            (their plain prompts, and `retrain_contexts` context rows each) and record their scores again for the
+            threshold; edits made one after another overwrite each other in a shard, and this recovers them
             (0: off, as in the paper).
+        retrain_contexts: consolidation and retraining after a merge also train each edit with this many of its
+            context-prefixed rows, as editing does, so that what the rows taught beyond the plain prompt (the
+            rephrasings' generalization) is not trained away (0: plain prompts only; at most `num_context`).
         rescore_on_merge: after a merge, record the scores of all the memory's edits under the merged memory
             for its threshold (False: keep the smallest score recorded while editing, as in the paper; a merge
             adds the other shards' response, so those scores sit well below what the merged memory gives).
@@ -199,6 +202,7 @@ class WISE(LinearEditStrategy):
         merge_consolidate_steps: int = 0,
         merge_retrain_edits: int = 0,
         merge_retrain_entries: str = "all",
+        retrain_contexts: int = 0,
         batch_edit: bool = True,
         cached_forward: bool = True,
         seed: int = 0,
@@ -243,6 +247,12 @@ class WISE(LinearEditStrategy):
         require(route_candidates >= 1, "route_candidates", "at least 1", route_candidates)
         require(not (shard_routers and retrieve), "shard_routers", "false with retrieve: true", shard_routers)
         require(0 <= num_context <= len(PREFIX_SEEDS), "num_context", f"in [0, {len(PREFIX_SEEDS)}]", num_context)
+        require(
+            0 <= retrain_contexts <= num_context,
+            "retrain_contexts",
+            f"in [0, num_context={num_context}]",
+            retrain_contexts,
+        )
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
         self.shard_routers = shard_routers
@@ -266,6 +276,7 @@ class WISE(LinearEditStrategy):
         self.rehearse_shard = rehearse_shard
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
         self.merge_retrain_edits, self.merge_retrain_entries = merge_retrain_edits, merge_retrain_entries
+        self.retrain_contexts = retrain_contexts
         self.contexts: list[str] = []
 
     # set-up -------------------------------------------------------------------------------------
@@ -359,13 +370,10 @@ class WISE(LinearEditStrategy):
             return mean_stats(stats)
         if len(self.contexts) < self.num_context:
             self.contexts = self.generate_contexts()
-        prompts, targets, context_lengths = [], [], []
         for index, request in zip(batch.indices, batch.requests, strict=True):
             self._add_negatives(index, request.prompt, request.subject)
-            for context in ("", *self.contexts):
-                prompts.append(f"{context} {request.prompt}" if context else request.prompt)
-                targets.append(request.target)
-                context_lengths.append(len(self.tokenizer(context)["input_ids"]) if context else 0)
+        pairs = [(request.prompt, request.target) for request in batch.requests]
+        prompts, targets, context_lengths = self.edit_rows(pairs, self.contexts)
         rows_per_edit, new_rows = 1 + len(self.contexts), len(prompts)
         memory = self.memory
         if self.rehearse_shard:
@@ -373,8 +381,7 @@ class WISE(LinearEditStrategy):
             targets += [edit.target for edit in memory.shard_edits]
             context_lengths += [0] * len(memory.shard_edits)
         stats, scores = self._train(prompts, targets, context_lengths, batch.indices, self.n_iter)
-        new_scores = scores[:new_rows].view(-1, rows_per_edit)
-        new_scores = new_scores.mean(1) if self.threshold_rows == "all" else new_scores[:, 0]
+        new_scores = self.threshold_scores(scores[:new_rows], rows_per_edit)
         # with rehearsal the rows hold every edit of the shard, so their minimum replaces the running one
         current = torch.cat([new_scores, scores[new_rows:]]).min().item()
         shard_min_score = current if self.rehearse_shard else min(memory.shard_min_score, current)
@@ -387,6 +394,24 @@ class WISE(LinearEditStrategy):
                 memory.shard_min_score = scores.min().item()
         self.publish()
         return stats
+
+    def edit_rows(self, pairs: list[tuple[str, str]], contexts: list[str]) -> tuple[list[str], list[str], list[int]]:
+        """Training rows for (prompt, target) `pairs`: each one's plain prompt, then one copy per context with the
+        context before the prompt; the rows' prompts, targets and context lengths in tokens (0 for plain rows)."""
+        lengths = {context: len(self.tokenizer(context)["input_ids"]) for context in contexts}
+        rows = [
+            (f"{c} {prompt}" if c else prompt, target, lengths.get(c, 0))
+            for prompt, target in pairs
+            for c in ("", *contexts)
+        ]
+        prompts, targets, context_lengths = (list(column) for column in zip(*rows, strict=True))
+        return prompts, targets, context_lengths
+
+    def threshold_scores(self, scores: Tensor, rows_per_edit: int) -> Tensor:
+        """Per edit, the score its threshold counts, from its rows' scores in `edit_rows` order: the plain row's,
+        or (`threshold_rows: all`) the mean of its rows'."""
+        scores = scores.view(-1, rows_per_edit)
+        return scores.mean(1) if self.threshold_rows == "all" else scores[:, 0]
 
     def _add_negatives(self, index: int, prompt: str, subject: str | None) -> None:
         """Keep the edit's negatives: `subject_negatives` copies of `prompt` with other subjects in place of
@@ -423,15 +448,18 @@ class WISE(LinearEditStrategy):
     def consolidate(
         self, edits: list[Edit], n_iter: int, tau: Tensor | None = None, mask: Tensor | None = None, replay: bool = True
     ) -> tuple[int, Tensor]:
-        """Train `tau` (default the open shard's, in its mask) on `edits` together, plain prompts only;
-        the steps taken and the edits' scores afterwards (`replay`: with the replayed prompts as negatives)."""
-        indices, prompts, targets = (list(column) for column in zip(*edits, strict=True))
+        """Train `tau` (default the open shard's, in its mask) on `edits` together, their plain prompts and
+        `retrain_contexts` context rows each; the steps taken and the edits' threshold scores afterwards
+        (`replay`: with the replayed prompts as negatives)."""
+        contexts = self.contexts[: self.retrain_contexts]
+        prompts, targets, context_lengths = self.edit_rows([(edit.prompt, edit.target) for edit in edits], contexts)
         # no memo: its score-only rows (every edit's irrelevant texts and negatives) would not come back,
         # and the memo would keep them in the next checkpoint
+        indices = [edit.index for edit in edits]
         stats, scores = self._train(
-            prompts, targets, [0] * len(prompts), indices, n_iter, tau, mask, use_memo=False, replay=replay
+            prompts, targets, context_lengths, indices, n_iter, tau, mask, use_memo=False, replay=replay
         )
-        return stats["steps"], scores
+        return stats["steps"], self.threshold_scores(scores, 1 + len(contexts))
 
     def _train(
         self,

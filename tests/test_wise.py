@@ -275,6 +275,7 @@ def test_wise_routing_on_the_prompt_routes_teacher_forcing_and_generation_alike(
         ("route_sketch", -1, "at least 0"),
         ("route_candidates", 0, "at least 1"),
         ("num_context", 11, r"in \[0, 10\]"),
+        ("retrain_contexts", 11, r"in \[0, num_context=10\]"),
         ("negative_choice", "closest", "one of random, nearest"),
     ],
 )
@@ -706,6 +707,22 @@ def test_consolidation_trains_the_full_shard_on_all_its_edits_and_resets_the_thr
     assert torch.all(strategy.memory.tau.detach()[strategy.memory.mask == 0] == 0)
     strategy.close_shard()
     assert strategy.memory.shard_edits == [] and strategy.memory.closed_min_score == strategy.memory.min_score
+
+
+def test_retrain_contexts_consolidates_each_edit_with_its_context_rows_and_thresholds_on_plain_ones(
+    tiny, zsre10, edit_prompts
+):
+    model, tokenizer = tiny
+    requests = zsre10[:2]
+    strategy = small_wise(consolidate_steps=4, n_iter=2, num_context=2, retrain_contexts=1)
+    strategy.prepare(model, tokenizer)
+    edit_requests(strategy, requests)  # the second edit fills the shard and consolidates it
+    context = strategy.contexts[0]
+    expected = [text for r in requests for text in (r.prompt, f"{context} {r.prompt}")]
+    assert edit_prompts[-1][:4] == expected  # each edit's plain row and its first context's, then irrelevant rows
+    assert len(edit_prompts[-1]) == 4 + 2 * strategy.num_irrelevant
+    scores = strategy.edit_scores(strategy.memory.tau.detach(), strategy.memory.shard_edits)
+    assert strategy.memory.shard_min_score == pytest.approx(scores.min().item(), rel=1e-4)
 
 
 def test_consolidation_leaves_the_activation_memo_with_the_last_edits_rows(tiny, zsre10):
