@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from wise_cl.key_statistics import cached_tensor, model_fingerprint
 from wise_cl.merging import MERGE_METHODS
 from wise_cl.optimisation import edit_nll, optimise
 from wise_cl.prefixes import PREFIX_SEEDS, PREFIX_STYLES, generate_prefixes
-from wise_cl.records import read_negative_prompts, read_subjects
+from wise_cl.records import EditRequest, read_negative_prompts, read_subjects
 from wise_cl.rows import TeacherForcedBatch, teacher_forced_batch
 from wise_cl.side_memory import save_side_memories
 from wise_cl.strategies.base import LinearEditStrategy, mean_stats
@@ -372,8 +373,7 @@ class WISE(LinearEditStrategy):
             self.contexts = self.generate_contexts()
         for index, request in zip(batch.indices, batch.requests, strict=True):
             self._add_negatives(index, request.prompt, request.subject)
-        pairs = [(request.prompt, request.target) for request in batch.requests]
-        prompts, targets, context_lengths = self.edit_rows(pairs, self.contexts)
+        prompts, targets, context_lengths = self.edit_rows(batch.requests, self.contexts)
         rows_per_edit, new_rows = 1 + len(self.contexts), len(prompts)
         memory = self.memory
         if self.rehearse_shard:
@@ -395,13 +395,15 @@ class WISE(LinearEditStrategy):
         self.publish()
         return stats
 
-    def edit_rows(self, pairs: list[tuple[str, str]], contexts: list[str]) -> tuple[list[str], list[str], list[int]]:
-        """Training rows for (prompt, target) `pairs`: each one's plain prompt, then one copy per context with the
+    def edit_rows(
+        self, edits: Sequence[Edit | EditRequest], contexts: list[str]
+    ) -> tuple[list[str], list[str], list[int]]:
+        """Training rows for `edits`: each one's plain prompt, then one copy per context with the
         context before the prompt; the rows' prompts, targets and context lengths in tokens (0 for plain rows)."""
         lengths = {context: len(self.tokenizer(context)["input_ids"]) for context in contexts}
         rows = [
-            (f"{c} {prompt}" if c else prompt, target, lengths.get(c, 0))
-            for prompt, target in pairs
+            (f"{c} {edit.prompt}" if c else edit.prompt, edit.target, lengths.get(c, 0))
+            for edit in edits
             for c in ("", *contexts)
         ]
         prompts, targets, context_lengths = (list(column) for column in zip(*rows, strict=True))
@@ -452,7 +454,7 @@ class WISE(LinearEditStrategy):
         `retrain_contexts` context rows each; the steps taken and the edits' threshold scores afterwards
         (`replay`: with the replayed prompts as negatives)."""
         contexts = self.contexts[: self.retrain_contexts]
-        prompts, targets, context_lengths = self.edit_rows([(edit.prompt, edit.target) for edit in edits], contexts)
+        prompts, targets, context_lengths = self.edit_rows(edits, contexts)
         # no memo: its score-only rows (every edit's irrelevant texts and negatives) would not come back,
         # and the memo would keep them in the next checkpoint
         indices = [edit.index for edit in edits]
