@@ -23,6 +23,7 @@ from wise_cl.benchmarks.stream_costs import costs
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
 from wise_cl.benchmarks.tune_baselines import GRIDS, variants
 from wise_cl.benchmarks.tune_baselines import main as tune_baselines
+from wise_cl.benchmarks.weight_changes import main as weight_changes
 from wise_cl.cli import main as wise_cl
 from wise_cl.strategies.wise import WISE
 
@@ -364,3 +365,22 @@ def test_scale_up_reads_a_long_run_whose_curve_point_is_a_shorter_streams_final_
     for metric in ("reliability", "generalization", "locality"):  # after 2 of 4 edits = a 2-edit stream's end
         assert points[0][metric] == pytest.approx(short[metric])
     assert (out / "scale_up.png").stat().st_size > 0 and "| retrieve | 4 | 4 |" in (out / "scale_up.md").read_text()
+
+
+@pytest.mark.parametrize("config, layers", [("zsre_rome", 1), ("zsre_memit", 2)])
+def test_weight_changes_measure_each_edited_layers_change_against_its_weight(config, layers, tmp_path):
+    tiny = ["--model.model_name=tiny", "--model.exact_match=false", f"--model.strategy.layer={TINY_LAYER}"]
+    settings = ["--model.strategy.n_iter=3", "--model.strategy.num_prefixes=0", "--model.strategy.corpus_tokens=32"]
+    if config == "zsre_memit":
+        settings.append("--model.strategy.num_layers=2")
+    metrics = run_chunk(Path(f"configs/{config}.yaml"), config, 2, 0, tmp_path, tiny + settings)
+    out = tmp_path / "weight_changes"
+    weight_changes([str(tmp_path / "tensorboard" / config / "T2-chunk0"), "--out", str(out)])
+    rows = json.loads((out / "weight_changes.json").read_text())["layers"]
+    assert [row["layer"] for row in rows][-1] == TINY_LAYER and len(rows) == layers
+    # the per-layer norms add up to the norm of all changes the run reported
+    assert sum(row["change_norm"] ** 2 for row in rows) ** 0.5 == pytest.approx(metrics["tau_norm"], rel=1e-5)
+    for row in rows:
+        assert row["norm_ratio"] == pytest.approx(row["change_norm"] / row["weight_norm"])
+        assert 0 < row["change_top_singular"] <= row["change_norm"] + 1e-6
+    assert TINY_LAYER in (out / "weight_changes.md").read_text()
