@@ -4,7 +4,7 @@ python -m wise_cl.benchmarks.weight_changes RUN [RUN ...] --out benchmarks/resul
 
 RUN is a `wise-cl fit` run folder (checkpoints/last.ckpt) of a strategy that serves its change to every sequence:
 ROME's one layer (`tau`) or MEMIT's and MEND's several (`taus`). Per edited layer: the Frobenius norm of the
-change, its ratio to the unedited weight's, and the largest singular value of each. Sequential editing that
+change, its ratio to the unedited weight's, and the largest singular value (s.v.) of each. Sequential editing that
 breaks a model's locality goes with changes that outgrow the weights (Gupta et al., 2024, "Model editing at
 scale leads to gradual and catastrophic forgetting"). Writes weight_changes.json and weight_changes.md.
 """
@@ -27,11 +27,11 @@ from wise_cl.models import find_module, load_model
 from wise_cl.provenance import code_version
 
 COLUMNS = {
-    "change_norm": "||change||",
-    "weight_norm": "||W||",
-    "norm_ratio": "||change|| / ||W||",
-    "change_top_singular": "change's top singular value",
-    "weight_top_singular": "W's top singular value",
+    "change_norm": "change norm",
+    "weight_norm": "weight norm",
+    "norm_ratio": "change / weight norm",
+    "change_top_singular": "change top s.v.",
+    "weight_top_singular": "weight top s.v.",
 }
 
 
