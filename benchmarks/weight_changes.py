@@ -12,6 +12,7 @@ scale leads to gradual and catastrophic forgetting"). Writes weight_changes.json
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -48,10 +49,16 @@ def run_changes(folder: Path) -> tuple[str, dict[str, torch.Tensor]]:
     return config["model"]["model_name"], changes
 
 
+@functools.cache
+def unedited_model(model_name: str) -> torch.nn.Module:
+    """The model as loaded, once per name however many runs edit it."""
+    return load_model(model_name)[0]
+
+
 def layer_rows(folder: Path) -> list[dict[str, Any]]:
     """One row per edited layer of the run: the change's size against the weight's."""
     model_name, changes = run_changes(folder)
-    model, _ = load_model(model_name)
+    model = unedited_model(model_name)
     rows = []
     for layer, change in changes.items():
         weight, change = find_module(model, layer).weight.float(), change.float()
