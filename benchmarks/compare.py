@@ -11,6 +11,8 @@ T = 1 and 10 average `chunks` consecutive chunks of T requests, each edited from
 `wise-cl fit` run (its own process) logged to TensorBoard under `<out>/tensorboard/<strategy>/T<T>-chunk<k>`. Arguments
 after `--` go to every run (`-- --model.strategy.init_args.alpha=2`). A rerun skips finished chunks
 and resumes an interrupted one from its last checkpoint. `--unedited` adds the unedited model's row.
+`--finished-only` runs nothing and tabulates the chunks already finished (a row's `chunks` says how many),
+for a table whose long runs are still to come; results.md lists the missing runs.
 """
 
 from __future__ import annotations
@@ -76,11 +78,16 @@ def run_fit(config: Path, folder: Path, args: list[str], subcommand: str = "fit"
     return json.loads(metrics.read_text())
 
 
+def chunk_folder(out: Path, name: str, num_edits: int, chunk: int) -> Path:
+    """Where the run of chunk `chunk` at T=`num_edits` logs."""
+    return out / "tensorboard" / name / f"T{num_edits}-chunk{chunk}"
+
+
 def run_chunk(
     config: Path, name: str, num_edits: int, chunk: int, out: Path, extra: list[str], subcommand: str = "fit"
 ) -> dict[str, Any]:
     """One `wise-cl fit` (or `test`) run over requests `chunk * T .. chunk * T + T - 1`; its metrics.json as a dict."""
-    folder = out / "tensorboard" / name / f"T{num_edits}-chunk{chunk}"
+    folder = chunk_folder(out, name, num_edits, chunk)
     args = [*extra, f"--data.num_edits={num_edits}", f"--data.start={chunk * num_edits}"]  # the chunk wins
     return run_fit(config, folder, args, subcommand)
 
@@ -110,27 +117,45 @@ def markdown_table(rows: list[dict[str, Any]], lead: dict[str, str], columns: di
 
 
 def compare(
-    configs: list[Path], num_edits: list[int], chunks: list[int], out: Path, extra: list[str], unedited: bool = False
+    configs: list[Path],
+    num_edits: list[int],
+    chunks: list[int],
+    out: Path,
+    extra: list[str],
+    unedited: bool = False,
+    finished_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every config at every T; write results.json, results.md and forgetting_curves.png to `out`.
 
     With `unedited`, the first row group is the unedited model scored on the same chunks (`wise-cl test` with the
-    first config: its model and data, no edit)."""
-    rows, runs, curves = [], [], {}
+    first config: its model and data, no edit). With `finished_only`, nothing runs: the table holds the chunks
+    already finished and results.md names the missing ones."""
+    rows, runs, curves, missing = [], [], {}, []
     jobs = [(configs[0], UNEDITED, "test")] if unedited else []
     for config, name, subcommand in jobs + [(config, strategy_name(config), "fit") for config in configs]:
         for t, count in zip(num_edits, chunks, strict=True):
-            results = [run_chunk(config, name, t, k, out, extra, subcommand) for k in range(count)]
-            runs += [{**r, "strategy": name, "T": t, "chunk": k} for k, r in enumerate(results)]
-            rows.append(summarise(name, t, results))
-            print(json.dumps(rows[-1]), flush=True)
-        curve = out / "tensorboard" / name / f"T{max(num_edits)}-chunk0" / "forgetting_curve.json"
-        if curve.exists():
+            results = {}  # chunk -> its metrics
+            for k in range(count):
+                metrics = chunk_folder(out, name, t, k) / "metrics.json"
+                if not finished_only:
+                    results[k] = run_chunk(config, name, t, k, out, extra, subcommand)
+                elif metrics.exists():
+                    results[k] = json.loads(metrics.read_text())
+                else:
+                    missing.append(f"{name} T{t}-chunk{k}")
+            runs += [{**r, "strategy": name, "T": t, "chunk": k} for k, r in results.items()]
+            if results:
+                rows.append(summarise(name, t, list(results.values())))
+                print(json.dumps(rows[-1]), flush=True)
+        curve = chunk_folder(out, name, max(num_edits), 0) / "forgetting_curve.json"
+        if curve.exists() and (curve.parent / "metrics.json").exists():
             curves[name] = json.loads(curve.read_text())
     command = "python -m wise_cl.benchmarks.compare " + shlex.join(sys.argv[1:])
-    result = {"command": command, "commit": code_version(), "rows": rows, "runs": runs}
+    result = {"command": command, "commit": code_version(), "rows": rows, "runs": runs, "missing": missing}
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     note = f"summarised at commit {result['commit']}; each row names the commits of its runs (first 7 digits)"
+    if missing:
+        note += f"\n\nnot run yet (finished runs only): {', '.join(missing)}"
     (out / "results.md").write_text(f"`{command}`\n\n{note}\n\n" + markdown_table(rows, COMPARE_LEAD, SCORES))
     if curves:
         plot_curves(curves, out / "forgetting_curves.png")
@@ -144,12 +169,15 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[10, 3, 1], help="chunks averaged per T")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compare"))
     parser.add_argument("--unedited", action="store_true", help="also score the unedited model on the same chunks")
+    parser.add_argument(
+        "--finished-only", action="store_true", help="run nothing: tabulate the chunks already finished"
+    )
     args, extra = parser.parse_known_args()
     if len(args.chunks) != len(args.num_edits):
         parser.error("--chunks needs one count per --num-edits value")
     extra = [a for a in extra if a != "--"]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = compare(args.configs, args.num_edits, args.chunks, args.out, extra, args.unedited)
+    rows = compare(args.configs, args.num_edits, args.chunks, args.out, extra, args.unedited, args.finished_only)
     print(markdown_table(rows, COMPARE_LEAD, SCORES))
 
 

@@ -56,6 +56,11 @@ def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(t
     stamp = finished.stat().st_mtime_ns
     compare([Path("configs/zsre_wise.yaml")], [1], [2], out, TINY_WISE)
     assert finished.stat().st_mtime_ns == stamp
+    # a table of the finished runs only: a third chunk at T=1 and T=5 are named as missing, and nothing runs
+    partial = compare([Path("configs/zsre_wise.yaml")], [1, 5], [3, 1], out, TINY_WISE, finished_only=True)
+    assert [(r["T"], r["chunks"]) for r in partial] == [(1, 2)] and partial[0]["reliability"] == rows[2]["reliability"]
+    assert not (out / "tensorboard" / "wise" / "T1-chunk2").exists()
+    assert "not run yet (finished runs only): wise T1-chunk2, wise T5-chunk0" in (out / "results.md").read_text()
 
 
 def test_sweep_runs_get_short_names_that_survive_reruns(tmp_path):
