@@ -53,15 +53,20 @@ def strategy_name(config: Path) -> str:
     return config.stem.split("_", 1)[-1]
 
 
+def finished_metrics(folder: Path) -> dict[str, Any] | None:
+    """The metrics.json of the run logged to `folder` as a dict; None while the run has not finished."""
+    metrics = folder / "metrics.json"
+    return json.loads(metrics.read_text()) if metrics.exists() else None
+
+
 def run_fit(config: Path, folder: Path, args: list[str], subcommand: str = "fit") -> dict[str, Any]:
     """One `wise-cl fit` run of `config` with `args` (or `wise-cl test`: the unedited model scored), logged to
     `folder`; its metrics.json as a dict.
 
     A finished run (metrics.json present) is not run again; an interrupted one resumes from its checkpoint.
     """
-    metrics = folder / "metrics.json"
-    if metrics.exists():
-        return json.loads(metrics.read_text())
+    if (finished := finished_metrics(folder)) is not None:
+        return finished
     args = [
         subcommand,
         f"--config={config}",
@@ -75,7 +80,7 @@ def run_fit(config: Path, folder: Path, args: list[str], subcommand: str = "fit"
         args.append(f"--ckpt_path={checkpoint}")
     # a fresh process per run: many runs in one process slow each other down (seen: 4x per step)
     subprocess.run([sys.executable, "-m", "wise_cl.cli", *args], check=True)
-    return json.loads(metrics.read_text())
+    return json.loads((folder / "metrics.json").read_text())
 
 
 def chunk_folder(out: Path, name: str, num_edits: int, chunk: int) -> Path:
@@ -136,11 +141,10 @@ def compare(
         for t, count in zip(num_edits, chunks, strict=True):
             results = {}  # chunk -> its metrics
             for k in range(count):
-                metrics = chunk_folder(out, name, t, k) / "metrics.json"
                 if not finished_only:
                     results[k] = run_chunk(config, name, t, k, out, extra, subcommand)
-                elif metrics.exists():
-                    results[k] = json.loads(metrics.read_text())
+                elif (finished := finished_metrics(chunk_folder(out, name, t, k))) is not None:
+                    results[k] = finished
                 else:
                     missing.append(f"{name} T{t}-chunk{k}")
             runs += [{**r, "strategy": name, "T": t, "chunk": k} for k, r in results.items()]
@@ -148,7 +152,7 @@ def compare(
                 rows.append(summarise(name, t, list(results.values())))
                 print(json.dumps(rows[-1]), flush=True)
         curve = chunk_folder(out, name, max(num_edits), 0) / "forgetting_curve.json"
-        if curve.exists() and (curve.parent / "metrics.json").exists():
+        if curve.exists() and finished_metrics(curve.parent) is not None:
             curves[name] = json.loads(curve.read_text())
     command = "python -m wise_cl.benchmarks.compare " + shlex.join(sys.argv[1:])
     result = {"command": command, "commit": code_version(), "rows": rows, "runs": runs, "missing": missing}
