@@ -141,12 +141,14 @@ def compare(
         for t, count in zip(num_edits, chunks, strict=True):
             results = {}  # chunk -> its metrics
             for k in range(count):
-                if not finished_only:
-                    results[k] = run_chunk(config, name, t, k, out, extra, subcommand)
-                elif (finished := finished_metrics(chunk_folder(out, name, t, k))) is not None:
-                    results[k] = finished
+                if finished_only:
+                    metrics = finished_metrics(chunk_folder(out, name, t, k))
                 else:
+                    metrics = run_chunk(config, name, t, k, out, extra, subcommand)
+                if metrics is None:
                     missing.append(f"{name} T{t}-chunk{k}")
+                else:
+                    results[k] = metrics
             runs += [{**r, "strategy": name, "T": t, "chunk": k} for k, r in results.items()]
             if results:
                 rows.append(summarise(name, t, list(results.values())))
