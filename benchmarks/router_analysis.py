@@ -44,16 +44,17 @@ def analyse_run(folder: Path) -> dict[str, Any]:
     sets = request_sets(requests)
     adapter = strategy.adapter
     taus, thresholds = list(adapter.taus), torch.tensor(adapter.thresholds)
-    memory = {name: memory_scores(strategy, *pairs) for name, pairs in sets.items()}
+    memory = {name: memory_scores(strategy, s.prompts, s.answers) for name, s in sets.items()}
     ratios = {name: score_ratios(scores, thresholds) for name, scores in memory.items()}
+    references = {name: reference if name == "locality" else None for name in sets}
     gates = {"routed": thresholds.tolist(), "side": [-math.inf] * len(taus), "main": [math.inf] * len(taus)}
     scores: dict[str, dict[str, float]] = {}
     with restored_serving(adapter):
         for mode in MODES:
             adapter.serve(taus, gates[mode])
             scores[mode] = {
-                name: float(accuracy(strategy, *pairs, reference if name == "locality" else None).nanmean())
-                for name, pairs in sets.items()
+                name: float(accuracy(strategy, s.prompts, s.answers, references[name]).nanmean())
+                for name, s in sets.items()
             }
     return {
         "run": str(folder),

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,16 +43,29 @@ def load_run(folder: Path) -> tuple[WISE, list, list[Tensor]]:
     return strategy, requests, state["locality_reference"]
 
 
-def request_sets(requests: list) -> dict[str, tuple[list[str], list[str]]]:
-    """The (prompts, answers) a run is scored on: the edits, their first rephrasing and their out-of-distribution
-    text (where every request has one), the locality prompts."""
-    targets = [r.target for r in requests]
-    sets = {"reliability": ([r.prompt for r in requests], targets)}
+class PromptSet(NamedTuple):
+    """Prompts scored together, their answers and, per prompt, the index of the request it comes from."""
+
+    prompts: list[str]
+    answers: list[str]
+    owners: list[int]
+
+
+def request_sets(requests: list) -> dict[str, PromptSet]:
+    """The prompts a run is scored on, as the harness scores them: the edits, every rephrasing, the
+    out-of-distribution texts (where every request has one), the locality prompts."""
+
+    def prompt_set(prompts: list[tuple[int, str, str]]) -> PromptSet:
+        owners, texts, answers = zip(*prompts, strict=True)
+        return PromptSet(list(texts), list(answers), list(owners))
+
+    sets = {"reliability": prompt_set([(i, r.prompt, r.target) for i, r in enumerate(requests)])}
     if all(r.rephrases for r in requests):
-        sets["generalization"] = ([r.rephrases[0] for r in requests], targets)
+        sets["generalization"] = prompt_set([(i, p, r.target) for i, r in enumerate(requests) for p in r.rephrases])
     if all(r.ood_rephrase for r in requests):
-        sets["ood_generalization"] = ([r.ood_rephrase for r in requests], targets)
-    return sets | {"locality": ([r.locality_prompt for r in requests], [r.locality_answer for r in requests])}
+        sets["ood_generalization"] = prompt_set([(i, r.ood_rephrase, r.target) for i, r in enumerate(requests)])
+    locality = [(i, r.locality_prompt, r.locality_answer) for i, r in enumerate(requests)]
+    return sets | {"locality": prompt_set(locality)}
 
 
 @torch.no_grad()
@@ -100,8 +113,8 @@ def restored_serving(adapter: SideMemoryLinear) -> Iterator[None]:
         adapter.serve(taus, thresholds, answers)
 
 
-def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: Tensor) -> float:
-    """Mean accuracy when every request is answered by the memory that holds it (perfect routing)."""
+def forced_accuracy(strategy: WISE, prompts: PromptSet, holder: Tensor) -> float:
+    """Mean accuracy when every prompt is answered by the memory that holds its request (perfect routing)."""
     adapter = strategy.adapter
     correct = torch.zeros(len(holder), dtype=torch.double)
     taus, answers = list(adapter.taus), adapter.answers or range(len(adapter.taus))
@@ -110,7 +123,8 @@ def forced_accuracy(strategy: WISE, pairs: tuple[list[str], list[str]], holder: 
             held = (holder == m).nonzero().squeeze(1).tolist()
             if held:
                 adapter.serve([taus[answer]], [-float("inf")])
-                correct[held] = accuracy(strategy, *([pairs[k][i] for i in held] for k in range(2)))
+                pairs = [prompts.prompts[i] for i in held], [prompts.answers[i] for i in held]
+                correct[held] = accuracy(strategy, *pairs)
     return float(correct.mean())
 
 
@@ -120,8 +134,8 @@ def over(scores: Tensor, thresholds: Tensor) -> Tensor:
 
 
 def per_request(scores: Tensor, thresholds: Tensor, routes: Tensor, holder: Tensor | None) -> list[dict[str, Any]]:
-    """Per request: the memory it is routed to (-1: main), and the holder's and best other memory's
-    score and threshold."""
+    """Per prompt of a set (one per request but for the rephrasings): the memory it is routed to (-1: main),
+    and the holder's and best other memory's score and threshold."""
     rows = []
     for i in range(scores.shape[1]):
         row: dict[str, Any] = {"routed": int(routes[i])}
@@ -154,12 +168,14 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
     """The routing report of a finished run under each act_ratio (default: the run's own)."""
     strategy, requests, reference = load_run(folder)
     sets = request_sets(requests)
-    scores = {name: memory_scores(strategy, *pairs) for name, pairs in sets.items()}
+    scores = {name: memory_scores(strategy, s.prompts, s.answers) for name, s in sets.items()}
     holder = holding_memory(strategy, len(requests))
+    # per set, the memory holding each prompt's request
+    holders = {name: holder[s.owners] for name, s in sets.items()} if holder is not None else {}
     report: dict[str, Any] = {"run": str(folder), "memories": len(strategy.adapter.taus)}
     if holder is not None:
         report["holding_memory_accuracy"] = {
-            name: forced_accuracy(strategy, pairs, holder) for name, pairs in sets.items() if name != "locality"
+            name: forced_accuracy(strategy, s, holders[name]) for name, s in sets.items() if name != "locality"
         }
     rows = []
     for ratio in act_ratios or [strategy.act_ratio]:
@@ -167,18 +183,18 @@ def routing_report(folder: Path, act_ratios: list[float] | None = None) -> dict[
         strategy.publish()
         thresholds = torch.tensor(strategy.adapter.thresholds)
         row: dict[str, Any] = {"act_ratio": ratio, "thresholds": [round(t, 2) for t in thresholds.tolist()]}
-        for name, pairs in sets.items():
-            row[name] = float(accuracy(strategy, *pairs, reference if name == "locality" else None).nanmean())
+        for name, prompts in sets.items():
+            target = reference if name == "locality" else None
+            row[name] = float(accuracy(strategy, prompts.prompts, prompts.answers, target).nanmean())
             index = route(scores[name], thresholds, strategy.adapter.answers)
             routed = index != MAIN
             row[f"{name}_routed"] = float(routed.float().mean())
             # whether or not another memory scores higher
             row[f"{name}_over_threshold_per_memory"] = [round(float(x), 3) for x in over(scores[name], thresholds)]
-            row[f"{name}_per_request"] = per_request(scores[name], thresholds, index, holder)
+            row[f"{name}_per_request"] = per_request(scores[name], thresholds, index, holders.get(name))
             if holder is not None and name != "locality":
-                answering = (
-                    holder if strategy.adapter.answers is None else torch.tensor(strategy.adapter.answers)[holder]
-                )
+                held = holders[name]
+                answering = held if strategy.adapter.answers is None else torch.tensor(strategy.adapter.answers)[held]
                 row[f"{name}_routed_to_holder"] = float((index == answering).float().mean())
                 shares = taken_by_other_memories(row[f"{name}_per_request"])
                 row |= {f"{name}_{key}": value for key, value in shares.items()}

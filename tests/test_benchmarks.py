@@ -213,6 +213,28 @@ def test_routing_report_counts_a_shard_router_s_route_as_reaching_the_merged_mem
     assert closed["thresholds"][3] == float("inf") and closed["locality"] == 1.0
 
 
+def test_routing_report_scores_every_rephrasing_as_the_run_did(tmp_path):
+    # two rephrasings per request: the report's own-threshold scores are the run's
+    records = [
+        {
+            "src": f"Who made work {i}?",
+            "alt": f"Maker {i}",
+            "rephrase": [f"Work {i} was made by", f"The maker of work {i}:"],
+        }
+        | {"loc": f"nq question: where is city {i}", "loc_ans": f"Land {i}"}
+        for i in range(3)
+    ]
+    (tmp_path / "edits.json").write_text(json.dumps(records))
+    args = TINY_WISE + ["--model.strategy.calibration_texts=0", f"--data.path={tmp_path / 'edits.json'}"]
+    metrics = run_chunk(Path("configs/zsre_wise_retrieve.yaml"), "wise_retrieve", 3, 0, tmp_path, args)
+    report = routing_report(tmp_path / "tensorboard" / "wise_retrieve" / "T3-chunk0")
+    own = report["act_ratio"][0]
+    assert len(own["generalization_per_request"]) == 6
+    for name in ("reliability", "generalization", "locality"):
+        assert own[name] == pytest.approx(metrics[name], abs=1e-6)
+    assert 0 <= report["holding_memory_accuracy"]["generalization"] <= 1
+
+
 def test_requests_taken_by_other_memories_are_counted_by_the_taking_memorys_age():
     rows = [{"routed": routed, "holder": 1} for routed in (0, 2, -1, 1)]
     assert taken_by_other_memories(rows) == {"to_older_memory": 0.25, "to_newer_memory": 0.25}

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 
@@ -590,6 +591,19 @@ def test_a_curve_with_max_requests_scores_the_same_evenly_spaced_edits_at_every_
     assert curve.history[-1]["reliability"] == pytest.approx(float(final["reliability"].mean()))
     with pytest.raises(ValueError, match=r"trainer.callbacks.ForgettingCurve.max_requests must be 0 \(all\)"):
         ForgettingCurve(max_requests=-1)
+
+
+def test_a_curve_scores_a_request_s_generalization_as_the_mean_over_its_rephrasings(tmp_path):
+    module = run_stream(tmp_path, [], num_edits=2)
+    first, second = module.stream[0], module.stream[1]
+    both = dataclasses.replace(first, rephrases=(*first.rephrases, second.prompt))
+    alone = dataclasses.replace(first, rephrases=(second.prompt,))
+    none = dataclasses.replace(second, rephrases=())
+    scores = request_scores(module, [first, alone, both, none], [module.reference[0]] * 3 + [module.reference[1]], 4)
+    generalization = scores["generalization"]
+    assert generalization[2] == pytest.approx(float(generalization[:2].mean()))
+    assert torch.isnan(generalization[3]) and scores["reliability"][:3].unique().numel() == 1
+    assert "ood_generalization" not in scores
 
 
 def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(tmp_path):

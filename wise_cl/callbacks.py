@@ -112,30 +112,34 @@ class EditCheckpoint(Checkpoint):
 def request_scores(
     pl_module: L.LightningModule, requests: list, reference: list[torch.Tensor], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """Per request: reliability, generalization (first rephrase, if any), out-of-distribution generalization
-    (if the requests have one), locality (NaN for a request with an empty locality answer) and the target's mean
-    token NLL given the prompt (`target_nll`)."""
+    """Per request: reliability, generalization (the mean over its rephrasings), out-of-distribution
+    generalization, locality and the target's mean token NLL given the prompt (`target_nll`); NaN where a request
+    has no such prompt or an empty locality answer. A score no request has is left out."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
-    names = ("reliability", "generalization", "ood_generalization", "locality", "target_nll")
-    scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        pairs = {
-            "reliability": ([r.prompt for r in chunk], [r.target for r in chunk]),
-            "locality": ([r.locality_prompt for r in chunk], [r.locality_answer for r in chunk]),
-        }
-        if all(r.rephrases for r in chunk):
-            pairs["generalization"] = ([r.rephrases[0] for r in chunk], [r.target for r in chunk])
-        if all(r.ood_rephrase for r in chunk):
-            pairs["ood_generalization"] = ([r.ood_rephrase for r in chunk], [r.target for r in chunk])
-        for name, (prompts, answers) in pairs.items():
-            out = predict_answers(model, tokenizer, prompts, answers)
-            target = torch.cat(reference[start : start + len(chunk)]) if name == "locality" else out.labels
-            correct = (out.preds == target.to(out.preds.device)).double()
-            scores[name].append(per_request_score(correct, out.rows, len(chunk)))
-            if name == "reliability":
-                scores["target_nll"].append(per_request_score(out.nll.double(), out.rows, len(chunk)))
-    return {name: torch.cat(values) for name, values in scores.items() if values}
+    targets = [r.target for r in requests]
+    prompt_sets = {  # name -> (request index, prompt, answer) per prompt scored
+        "reliability": list(zip(range(len(requests)), [r.prompt for r in requests], targets, strict=True)),
+        "generalization": [(i, p, r.target) for i, r in enumerate(requests) for p in r.rephrases],
+        "ood_generalization": [(i, r.ood_rephrase, r.target) for i, r in enumerate(requests) if r.ood_rephrase],
+        "locality": [(i, r.locality_prompt, r.locality_answer) for i, r in enumerate(requests)],
+    }
+    scores: dict[str, torch.Tensor] = {}
+    for name, prompts in prompt_sets.items():
+        if not prompts:
+            continue
+        correct, nll = [], []
+        for start in range(0, len(prompts), batch_size):
+            owners, texts, answers = zip(*prompts[start : start + batch_size], strict=True)
+            out = predict_answers(model, tokenizer, list(texts), list(answers))
+            target = torch.cat([reference[i] for i in owners]) if name == "locality" else out.labels
+            hits = (out.preds == target.to(out.preds.device)).double()
+            correct.append(per_request_score(hits, out.rows, len(texts)))
+            nll.append(per_request_score(out.nll.double(), out.rows, len(texts)))
+        owners = torch.tensor([i for i, _, _ in prompts], device=correct[0].device)
+        scores[name] = per_request_score(torch.cat(correct), owners, len(requests))
+        if name == "reliability":
+            scores["target_nll"] = per_request_score(torch.cat(nll), owners, len(requests))
+    return scores
 
 
 class ForgettingCurve(Callback):
