@@ -116,9 +116,8 @@ def request_scores(
     generalization, locality and the target's mean token NLL given the prompt (`target_nll`); NaN where a request
     has no such prompt or an empty locality answer. A score no request has is left out."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
-    targets = [r.target for r in requests]
     prompt_sets = {  # name -> (request index, prompt, answer) per prompt scored
-        "reliability": list(zip(range(len(requests)), [r.prompt for r in requests], targets, strict=True)),
+        "reliability": [(i, r.prompt, r.target) for i, r in enumerate(requests)],
         "generalization": [(i, p, r.target) for i, r in enumerate(requests) for p in r.rephrases],
         "ood_generalization": [(i, r.ood_rephrase, r.target) for i, r in enumerate(requests) if r.ood_rephrase],
         "locality": [(i, r.locality_prompt, r.locality_answer) for i, r in enumerate(requests)],
