@@ -25,11 +25,22 @@ from wise_cl.plotting import plot_stream_costs
 from wise_cl.provenance import code_version
 
 
+def event_files(run: Path) -> list[Path]:
+    """The run's TensorBoard files in the order they were written, from their names
+    (`events.out.tfevents.<seconds>.<host>.<pid>.<n>`): a clone's or a copy's modification times say nothing."""
+
+    def written(file: Path) -> tuple[int, int]:
+        parts = file.name.split(".")
+        return int(parts[3]), int(parts[-1])
+
+    return sorted(run.glob("events.out.tfevents.*"), key=written)
+
+
 def read_scalars(run: Path) -> dict[str, dict[int, float]]:
     """Every scalar the run's TensorBoard files hold, by tag and step (a resumed run's later files win)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = sorted(run.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
+    files = event_files(run)
     if not files:
         raise SystemExit(f"{run}: no TensorBoard events file (is it a `wise-cl fit` run folder?)")
     scalars: dict[str, dict[int, float]] = {}

@@ -1,6 +1,7 @@
 import cProfile
 import inspect
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from wise_cl.benchmarks.router_analysis import main as router_analysis
 from wise_cl.benchmarks.routing import routing_report, taken_by_other_memories
 from wise_cl.benchmarks.scale_up import main as scale_up
 from wise_cl.benchmarks.soak import main as soak
-from wise_cl.benchmarks.stream_costs import costs
+from wise_cl.benchmarks.stream_costs import costs, event_files
 from wise_cl.benchmarks.sweep import key_values, run_names, variant_args
 from wise_cl.benchmarks.tune_baselines import GRIDS, variants
 from wise_cl.benchmarks.tune_baselines import main as tune_baselines
@@ -258,6 +259,15 @@ def test_router_analysis_scores_routed_side_and_main_and_the_route_margins(tmp_p
     assert result["scores"]["main"]["locality"] == 1.0
     # no threshold: every sequence reaches the side memory, which holds the edits
     assert result["scores"]["side"]["reliability"] >= result["scores"]["main"]["reliability"]
+
+
+def test_stream_costs_read_a_resumed_run_s_event_files_in_the_order_they_were_written(tmp_path):
+    names = ["events.out.tfevents.1700000100.vm.local.12.0", "events.out.tfevents.1700000100.vm.local.12.1"]
+    names.insert(0, "events.out.tfevents.999999999.vm.local.7.0")  # an earlier second, one digit fewer
+    for age, name in enumerate(names):  # modification times in the opposite order, as a copy may leave them
+        (tmp_path / name).touch()
+        os.utime(tmp_path / name, (2e9 - age, 2e9 - age))
+    assert [f.name for f in event_files(tmp_path)] == names
 
 
 def test_stream_costs_add_the_memory_callbacks_to_each_edit_and_read_every_checkpoint_write(tmp_path):
