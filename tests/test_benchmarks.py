@@ -52,7 +52,7 @@ def test_compare_averages_chunks_writes_table_and_plot_and_skips_finished_runs(t
     assert table.count("| wise |") == 2 and "| commit | Rel. | Gen. | Loc. | PPL | s/edit |" in table
     assert rows[0]["commit"] == runs[0]["commit"][:7]  # the code version each row came from
     assert (out / "forgetting_curves.png").stat().st_size > 0
-    assert (out / "tensorboard" / "wise" / "T3-chunk0").glob("events.out.tfevents.*")
+    assert list((out / "tensorboard" / "wise" / "T3-chunk0").glob("events.out.tfevents.*"))
     finished = out / "tensorboard" / "wise" / "T1-chunk1" / "metrics.json"
     stamp = finished.stat().st_mtime_ns
     compare([Path("configs/zsre_wise.yaml")], [1], [2], out, TINY_WISE)
