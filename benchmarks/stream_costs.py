@@ -114,7 +114,8 @@ def main() -> None:
     (args.out / "costs.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown_table(results, {"run": "run"}, COLUMNS)
     (args.out / "costs.md").write_text(f"`{command}`\n\n{table}")
-    series = {Path(r["run"]).name: (r["seconds_per_edit"], r["checkpoint_megabytes"]) for r in results}
+    # each run by its folder and parent (`grace/T1000-chunk0`): a `compare`'s runs share their folder names
+    series = {"/".join(Path(r["run"]).parts[-2:]): (r["seconds_per_edit"], r["checkpoint_megabytes"]) for r in results}
     plot_stream_costs(series, args.out / "costs.png")
     print(table)
 
