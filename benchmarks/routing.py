@@ -25,7 +25,7 @@ from torch import Tensor
 
 from wise_cl import WISE, read_requests
 from wise_cl.editing_forward import CachedForward
-from wise_cl.evaluation import predict_answers
+from wise_cl.evaluation import predict_answers, scored_prompts
 from wise_cl.metrics import per_request_score
 from wise_cl.rows import teacher_forced_batch
 from wise_cl.serving import wise_run
@@ -52,20 +52,12 @@ class PromptSet(NamedTuple):
 
 
 def request_sets(requests: list) -> dict[str, PromptSet]:
-    """The prompts a run is scored on, as the harness scores them: the edits, every rephrasing, the
-    out-of-distribution texts (where every request has one), the locality prompts."""
-
-    def prompt_set(prompts: list[tuple[int, str, str]]) -> PromptSet:
+    """The prompts a run is scored on, as the harness scores them (`scored_prompts`)."""
+    sets = {}
+    for name, prompts in scored_prompts(requests).items():
         owners, texts, answers = zip(*prompts, strict=True)
-        return PromptSet(list(texts), list(answers), list(owners))
-
-    sets = {"reliability": prompt_set([(i, r.prompt, r.target) for i, r in enumerate(requests)])}
-    if all(r.rephrases for r in requests):
-        sets["generalization"] = prompt_set([(i, p, r.target) for i, r in enumerate(requests) for p in r.rephrases])
-    if all(r.ood_rephrase for r in requests):
-        sets["ood_generalization"] = prompt_set([(i, r.ood_rephrase, r.target) for i, r in enumerate(requests)])
-    locality = [(i, r.locality_prompt, r.locality_answer) for i, r in enumerate(requests)]
-    return sets | {"locality": prompt_set(locality)}
+        sets[name] = PromptSet(list(texts), list(answers), list(owners))
+    return sets
 
 
 @torch.no_grad()

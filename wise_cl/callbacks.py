@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, Checkpoint
 
-from wise_cl.evaluation import predict_answers
+from wise_cl.evaluation import predict_answers, scored_prompts
 from wise_cl.metrics import Forgetting, per_request_score
 from wise_cl.plotting import plot_curves
 from wise_cl.provenance import file_sha256
@@ -116,16 +116,8 @@ def request_scores(
     generalization, locality and the target's mean token NLL given the prompt (`target_nll`); NaN where a request
     has no such prompt or an empty locality answer. A score no request has is left out."""
     model, tokenizer = pl_module.model, pl_module.tokenizer
-    prompt_sets = {  # name -> (request index, prompt, answer) per prompt scored
-        "reliability": [(i, r.prompt, r.target) for i, r in enumerate(requests)],
-        "generalization": [(i, p, r.target) for i, r in enumerate(requests) for p in r.rephrases],
-        "ood_generalization": [(i, r.ood_rephrase, r.target) for i, r in enumerate(requests) if r.ood_rephrase],
-        "locality": [(i, r.locality_prompt, r.locality_answer) for i, r in enumerate(requests)],
-    }
     scores: dict[str, torch.Tensor] = {}
-    for name, prompts in prompt_sets.items():
-        if not prompts:
-            continue
+    for name, prompts in scored_prompts(requests).items():
         correct, nll = [], []
         for start in range(0, len(prompts), batch_size):
             owners, texts, answers = zip(*prompts[start : start + batch_size], strict=True)
@@ -133,10 +125,11 @@ def request_scores(
             target = torch.cat([reference[i] for i in owners]) if name == "locality" else out.labels
             hits = (out.preds == target.to(out.preds.device)).double()
             correct.append(per_request_score(hits, out.rows, len(texts)))
-            nll.append(per_request_score(out.nll.double(), out.rows, len(texts)))
+            if name == "reliability":
+                nll.append(per_request_score(out.nll.double(), out.rows, len(texts)))
         owners = torch.tensor([i for i, _, _ in prompts], device=correct[0].device)
         scores[name] = per_request_score(torch.cat(correct), owners, len(requests))
-        if name == "reliability":
+        if nll:
             scores["target_nll"] = per_request_score(torch.cat(nll), owners, len(requests))
     return scores
 

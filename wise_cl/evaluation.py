@@ -126,6 +126,21 @@ def first_lines(
     return [text.split("\n")[0].strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
+ScoredPrompt = tuple[int, str, str]  # (index of the request, prompt, answer)
+
+
+def scored_prompts(requests: Sequence[EditRequest]) -> dict[str, list[ScoredPrompt]]:
+    """The prompts each teacher-forced score reads, as `EditMetrics` scores them: the edit prompts, every
+    rephrasing, the out-of-distribution texts a request has, the locality prompts; empty sets left out."""
+    sets = {
+        "reliability": [(i, r.prompt, r.target) for i, r in enumerate(requests)],
+        "generalization": [(i, p, r.target) for i, r in enumerate(requests) for p in r.rephrases],
+        "ood_generalization": [(i, r.ood_rephrase, r.target) for i, r in enumerate(requests) if r.ood_rephrase],
+        "locality": [(i, r.locality_prompt, r.locality_answer) for i, r in enumerate(requests)],
+    }
+    return {name: prompts for name, prompts in sets.items() if prompts}
+
+
 class EditMetrics(nn.Module):
     """The edit metrics of a stream: reliability, generalization, locality and perplexity (teacher-forced), and
     with `exact_match` the free-generation ones: exact match, answer match on the prompts and on the
