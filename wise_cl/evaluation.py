@@ -175,26 +175,22 @@ class EditMetrics(nn.Module):
         generation_reference: Sequence[Tensor] | None = None,
     ) -> None:
         predict = partial(predict_answers, model, tokenizer, padding_side=self.padding_side)
-        targets = [r.target for r in requests]
-        edited = predict([r.prompt for r in requests], targets)
-        self.reliability.update(edited.preds, edited.labels, edited.rows)
+        sets = scored_prompts(requests)
+        scores = {name: predict([p for _, p, _ in s], [a for _, _, a in s]) for name, s in sets.items()}
+        edited, loc = scores["reliability"], scores["locality"]
         self.perplexity.update(edited.nll, edited.rows)
-        rephrased = [(p, r.target) for r in requests for p in r.rephrases]
-        if rephrased:
-            gen = predict(*zip(*rephrased, strict=True))
-            self.generalization.update(gen.preds, gen.labels, gen.rows)
-        ood = [(r.ood_rephrase, r.target) for r in requests if r.ood_rephrase]
-        if ood:
-            out = predict(*zip(*ood, strict=True))
-            self.ood_generalization.update(out.preds, out.labels, out.rows)
-        loc = predict([r.locality_prompt for r in requests], [r.locality_answer for r in requests])
+        for name in ("reliability", "generalization", "ood_generalization"):
+            if name in scores:
+                getattr(self, name).update(scores[name].preds, scores[name].labels, scores[name].rows)
         self.locality.update(loc.preds, torch.cat(list(reference)).to(loc.preds.device), loc.rows)
         if self.exact_match_enabled:
-            self.exact_match.update(generate_answers(model, tokenizer, [r.prompt for r in requests], targets), targets)
-            self.answer_match.update(first_lines(model, tokenizer, [r.prompt for r in requests]), targets)
-            if rephrased:
-                prompts, answers = zip(*rephrased, strict=True)
-                self.rephrase_answer_match.update(first_lines(model, tokenizer, prompts), list(answers))
+            prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
+            self.exact_match.update(generate_answers(model, tokenizer, prompts, targets), targets)
+            self.answer_match.update(first_lines(model, tokenizer, prompts), targets)
+            if rephrased := sets.get("generalization"):
+                self.rephrase_answer_match.update(
+                    first_lines(model, tokenizer, [p for _, p, _ in rephrased]), [a for _, _, a in rephrased]
+                )
         if self.exact_match_enabled and generation_reference is not None:
             reference_tokens = torch.stack(list(generation_reference))
             length = reference_tokens.shape[1]
