@@ -263,6 +263,7 @@ OVERLAYS = {  # config -> the config it goes after (any strategy's; these are Zs
     "configs/temporal.yaml": "configs/zsre_grace.yaml",
     "configs/hallucination.yaml": "configs/zsre_grace.yaml",
     "configs/long_stream.yaml": "configs/zsre_grace.yaml",
+    "configs/long_stream_merge.yaml": "configs/zsre_wise.yaml",
     "configs/mass_resumable.yaml": "configs/zsre_memit_mass.yaml",
 }
 
@@ -274,8 +275,10 @@ def test_every_config_parses(config, capsys):
         main(["fit", *configs, "--print_config"])
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
-    leave_data = ("configs/long_stream.yaml", "configs/mass_resumable.yaml")  # overlays that keep ZsRE
+    # overlays that keep ZsRE
+    leave_data = ("configs/long_stream.yaml", "configs/long_stream_merge.yaml", "configs/mass_resumable.yaml")
     data = "zsre" if config in leave_data else Path(config).stem.split("_")[0]
     assert f"path: {data}" in printed and "class_path: wise_cl.strategies." in printed
     assert config != "configs/mass_resumable.yaml" or "defer_update: true" in printed
     assert config != "configs/long_stream.yaml" or "max_requests: 500" in printed
+    assert config != "configs/long_stream_merge.yaml" or "merge_retrain_edits: 60" in printed
