@@ -141,6 +141,9 @@ class WISE(LinearEditStrategy):
         merge_retrain_edits: retrain after a merge on at most this many of the memory's edits: the merged
             group's own, then a seeded sample of the older ones, so a merge's cost stops growing with the
             stream; the threshold comes from the retrained edits' scores (0: every edit, as before).
+        merge_retrain_pool: with `merge_retrain_edits`, score a seeded sample of this many older edits under
+            the merged memory and retrain the ones it answers worst (highest target NLL) instead of a random
+            sample (0: a random sample); scoring costs a forward pass of the pool per merge.
         merge_retrain_entries: which entries of the merged memory retraining moves: `all` it sets, or only the
             `new` ones the merged group's shards could change, so that older edits' entries do not drift toward
             the edits retrained on.
@@ -202,6 +205,7 @@ class WISE(LinearEditStrategy):
         rescore_on_merge: bool = False,
         merge_consolidate_steps: int = 0,
         merge_retrain_edits: int = 0,
+        merge_retrain_pool: int = 0,
         merge_retrain_entries: str = "all",
         retrain_contexts: int = 0,
         batch_edit: bool = True,
@@ -237,6 +241,7 @@ class WISE(LinearEditStrategy):
             "consolidate_steps": consolidate_steps,
             "merge_consolidate_steps": merge_consolidate_steps,
             "merge_retrain_edits": merge_retrain_edits,
+            "merge_retrain_pool": merge_retrain_pool,
             "calibration_texts": calibration_texts,
             "shared_directions": shared_directions,
             "subject_negatives": subject_negatives,
@@ -277,6 +282,7 @@ class WISE(LinearEditStrategy):
         self.rehearse_shard = rehearse_shard
         self.rescore_on_merge, self.merge_consolidate_steps = rescore_on_merge, merge_consolidate_steps
         self.merge_retrain_edits, self.merge_retrain_entries = merge_retrain_edits, merge_retrain_entries
+        self.merge_retrain_pool = merge_retrain_pool
         self.retrain_contexts = retrain_contexts
         self.contexts: list[str] = []
 
@@ -533,6 +539,17 @@ class WISE(LinearEditStrategy):
         _, prompts, targets = zip(*edits, strict=True)
         return self.row_scores([tau], list(prompts), list(targets))[0]
 
+    @torch.no_grad()
+    def edit_losses(self, tau: Tensor, edits: list[Edit], batch_size: int = 32) -> Tensor:
+        """Each edit's mean target NLL on its plain prompt with `tau` answering."""
+        losses = []
+        for start in range(0, len(edits), batch_size):
+            _, prompts, targets = zip(*edits[start : start + batch_size], strict=True)
+            rows = teacher_forced_batch(self.tokenizer, list(prompts), list(targets)).to(self.model.device)
+            logits, _ = self._forward(rows)(tau)
+            losses.append(edit_nll(logits, rows, len(prompts)))
+        return torch.cat(losses)
+
     def rival_scores(self, prompts: list[str], targets: list[str]) -> Tensor | None:
         """The highest score a frozen memory gives each row (None when `rival_margin` is off or none is frozen)."""
         frozen = self.memory.frozen
@@ -608,14 +625,21 @@ class WISE(LinearEditStrategy):
 
     def retraining_edits(self) -> list[Edit]:
         """The edits a merge retrains on: all the memory's, or (`merge_retrain_edits`) the merged group's
-        own and a sample of the older ones, drawn with the run's seed and the memory's size."""
+        own and a sample of the older ones, drawn with the run's seed and the memory's size (with
+        `merge_retrain_pool`, the worst answered of a larger sample)."""
         edits, cap = self.memory.edits, self.merge_retrain_edits
         if not cap or len(edits) <= cap:
             return edits
         newest = min(cap, self.edits_per_shard * self.shards_per_merge)
-        older = len(edits) - newest
-        picked = sorted(random.Random(self.seed * 100_003 + len(edits)).sample(range(older), cap - newest))
-        return [edits[i] for i in picked] + edits[older:]
+        older, wanted = len(edits) - newest, cap - newest
+        sample = random.Random(self.seed * 100_003 + len(edits)).sample
+        if not self.merge_retrain_pool:
+            picked = sample(range(older), wanted)
+        else:
+            pool = sample(range(older), min(older, max(wanted, self.merge_retrain_pool)))
+            losses = self.edit_losses(self.memory.merged, [edits[i] for i in pool])
+            picked = [pool[i] for i in losses.topk(wanted).indices.tolist()]
+        return [edits[i] for i in sorted(picked)] + edits[older:]
 
     def memory_complete(self) -> bool:
         """WISE-Retrieve: the current memory has been merged, so it is ready to freeze."""

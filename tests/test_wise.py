@@ -270,6 +270,7 @@ def test_wise_routing_on_the_prompt_routes_teacher_forcing_and_generation_alike(
         ("consolidate_steps", -1, "at least 0"),
         ("merge_consolidate_steps", -1, "at least 0"),
         ("merge_retrain_edits", -1, "at least 0"),
+        ("merge_retrain_pool", -1, "at least 0"),
         ("calibration_texts", -1, "at least 0"),
         ("shared_directions", -1, "at least 0"),
         ("subject_negatives", -1, "at least 0"),
@@ -820,6 +821,24 @@ def test_merge_retraining_is_capped_at_the_merged_group_and_a_sample_of_older_ed
     assert len(retrained[2]) == 3 and retrained[2][-2:] == [4, 5] and retrained[2][0] in range(4)
     scores = strategy.edit_scores(strategy.memory.merged, [strategy.memory.edits[i] for i in retrained[2]])
     assert strategy.memory.min_score == pytest.approx(scores.min().item(), rel=1e-5)
+
+
+def test_merge_retrain_pool_retrains_the_older_edits_the_merged_memory_answers_worst(tiny, zsre10):
+    model, tokenizer = tiny
+    strategy = small_wise(
+        merge_consolidate_steps=1, merge_retrain_edits=3, merge_retrain_pool=10, edits_per_shard=1, shards_per_merge=1
+    )
+    strategy.prepare(model, tokenizer)
+    for i, request in enumerate(zsre10[:5]):
+        strategy.edit(EditBatch([i], [request]))
+        strategy.close_shard()
+        strategy.merge()
+    memory = strategy.memory
+    losses = strategy.edit_losses(memory.merged, memory.edits[:-1])  # every older edit is in the pool
+    assert losses.shape == (4,) and torch.isfinite(losses).all() and len(set(losses.tolist())) == 4
+    worst = sorted(losses.topk(2).indices.tolist())
+    expected = [memory.edits[i].index for i in worst] + [memory.edits[-1].index]  # and the merged shard's own
+    assert [edit.index for edit in strategy.retraining_edits()] == expected
 
 
 def test_calibration_texts_are_held_back_and_floor_every_memory_threshold(tiny, zsre10, edit_prompts):
