@@ -281,4 +281,4 @@ def test_every_config_parses(config, capsys):
     assert f"path: {data}" in printed and "class_path: wise_cl.strategies." in printed
     assert config != "configs/mass_resumable.yaml" or "defer_update: true" in printed
     assert config != "configs/long_stream.yaml" or "max_requests: 500" in printed
-    assert config != "configs/long_stream_merge.yaml" or "merge_retrain_edits: 60" in printed
+    assert config != "configs/long_stream_merge.yaml" or "merge_retrain_pool: 200" in printed
