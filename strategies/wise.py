@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -540,14 +540,12 @@ class WISE(LinearEditStrategy):
         return self.row_scores([tau], list(prompts), list(targets))[0]
 
     @torch.no_grad()
-    def edit_losses(self, tau: Tensor, edits: list[Edit], batch_size: int = 32) -> Tensor:
+    def edit_losses(self, tau: Tensor, edits: list[Edit]) -> Tensor:
         """Each edit's mean target NLL on its plain prompt with `tau` answering."""
-        losses = []
-        for start in range(0, len(edits), batch_size):
-            _, prompts, targets = zip(*edits[start : start + batch_size], strict=True)
-            rows = teacher_forced_batch(self.tokenizer, list(prompts), list(targets)).to(self.model.device)
-            logits, _ = self._forward(rows)(tau)
-            losses.append(edit_nll(logits, rows, len(prompts)))
+        _, prompts, targets = zip(*edits, strict=True)
+        losses = [
+            edit_nll(forward(tau)[0], rows, len(rows.input_ids)) for rows, forward in self.forwards(prompts, targets)
+        ]
         return torch.cat(losses)
 
     def rival_scores(self, prompts: list[str], targets: list[str]) -> Tensor | None:
@@ -570,13 +568,17 @@ class WISE(LinearEditStrategy):
     ) -> Tensor:
         """The activation score of each (prompt, target) row under each task vector, [taus, rows]. `project=False`
         for task vectors blind to the shared directions already (frozen memories): no second projection."""
-        scores = []
+        forwards = self.forwards(prompts, targets, batch_size, project)
+        return torch.cat([torch.stack([forward.scores(tau) for tau in taus]) for _, forward in forwards], dim=1)
+
+    def forwards(
+        self, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32, project: bool = True
+    ) -> Iterator[tuple[TeacherForcedBatch, FullForward | ProjectedForward]]:
+        """The (prompt, target) rows in batches of `batch_size`, each with its forward (scores on `score_mask`)."""
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
-            rows = teacher_forced_batch(self.tokenizer, prompts[part], targets[part]).to(self.model.device)
-            forward = self._forward(rows, self.score_mask(rows), project=project)
-            scores.append(torch.stack([forward.scores(tau) for tau in taus]))
-        return torch.cat(scores, dim=1)
+            rows = teacher_forced_batch(self.tokenizer, list(prompts[part]), list(targets[part])).to(self.model.device)
+            yield rows, self._forward(rows, self.score_mask(rows), project=project)
 
     def activation_loss(self, edit_scores: Tensor, irrelevant_scores: Tensor) -> Tensor:
         """Margin loss: edit rows score high (> beta), irrelevant rows low (< alpha), gap > gamma."""

@@ -176,7 +176,10 @@ class EditMetrics(nn.Module):
     ) -> None:
         predict = partial(predict_answers, model, tokenizer, padding_side=self.padding_side)
         sets = scored_prompts(requests)
-        scores = {name: predict([p for _, p, _ in s], [a for _, _, a in s]) for name, s in sets.items()}
+        scores = {}
+        for name, scored in sets.items():
+            _, texts, answers = zip(*scored, strict=True)
+            scores[name] = predict(list(texts), list(answers))
         edited, loc = scores["reliability"], scores["locality"]
         self.perplexity.update(edited.nll, edited.rows)
         for name in ("reliability", "generalization", "ood_generalization"):
@@ -187,10 +190,9 @@ class EditMetrics(nn.Module):
             prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
             self.exact_match.update(generate_answers(model, tokenizer, prompts, targets), targets)
             self.answer_match.update(first_lines(model, tokenizer, prompts), targets)
-            if rephrased := sets.get("generalization"):
-                self.rephrase_answer_match.update(
-                    first_lines(model, tokenizer, [p for _, p, _ in rephrased]), [a for _, _, a in rephrased]
-                )
+            if "generalization" in sets:
+                _, rephrased, answers = zip(*sets["generalization"], strict=True)
+                self.rephrase_answer_match.update(first_lines(model, tokenizer, list(rephrased)), list(answers))
         if self.exact_match_enabled and generation_reference is not None:
             reference_tokens = torch.stack(list(generation_reference))
             length = reference_tokens.shape[1]
