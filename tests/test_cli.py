@@ -135,6 +135,19 @@ def test_ckpt_path_last_extends_the_stream_in_its_own_run_folder(tmp_path, capsy
         )
 
 
+def test_a_fit_is_refused_a_named_run_folder_that_holds_a_checkpoint(tmp_path, capsys):
+    # rerunning a long run's command without --ckpt_path would start over on its checkpoint
+    named = ["--data.num_edits=2", "--trainer.logger.init_args.version=T2"]
+    run_cli("fit", named, tmp_path, capsys)
+    checkpoint = tmp_path / "zsre_wise" / "T2" / "checkpoints" / "last.ckpt"
+    saved = checkpoint.read_bytes()
+    with pytest.raises(SystemExit, match=r"T2 already holds a run .*--ckpt_path last"):
+        run_cli("fit", named, tmp_path, capsys)
+    assert checkpoint.read_bytes() == saved
+    resumed, _ = run_cli("fit", [*named, "--ckpt_path=last"], tmp_path, capsys)
+    assert resumed["edits_done"] == 2
+
+
 def test_a_checkpoint_is_scored_with_other_serving_settings_only(tmp_path, capsys):
     edited, _ = run_cli("fit", ["--data.num_edits=2", "--model.strategy.n_iter=20"], tmp_path, capsys)
     unedited, _ = run_cli("test", ["--data.num_edits=2"], tmp_path / "unedited", capsys)

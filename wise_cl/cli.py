@@ -81,14 +81,22 @@ class WiseCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """`--ckpt_path last` is the newest `last.ckpt` of the config's run name; a resumed run logs into
-        the folder of the run it resumes (a TensorBoard logger's save_dir, name and version)."""
+        the folder of the run it resumes (a TensorBoard logger's save_dir, name and version). A `fit` without
+        `ckpt_path` is refused a named version whose folder holds a checkpoint: it would start over on it."""
         config = self.config.get(str(self.subcommand), self.config)
         if "weights_only" in config:  # checkpoints hold tensors and plain values: load nothing else
             config.weights_only = True
-        if not config.get("ckpt_path"):
-            return
         logger = config.trainer.logger
         init = logger.init_args if logger and "TensorBoardLogger" in str(logger.class_path) else None
+        if not config.get("ckpt_path"):
+            if self.subcommand == "fit" and init is not None and init.get("version") is not None:
+                checkpoint = Path(init.save_dir, init.name, str(init.version), "checkpoints", "last.ckpt")
+                if checkpoint.is_file():
+                    raise ValueError(
+                        f"{checkpoint.parent.parent} already holds a run (checkpoints/last.ckpt): resume it with"
+                        " --ckpt_path last, or start a new one under another --trainer.logger.init_args.version"
+                    )
+            return
         if config.ckpt_path == "last":
             if init is None:
                 raise ValueError("ckpt_path: 'last' needs the TensorBoard logger, which names the run folders")
