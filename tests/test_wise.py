@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_LAYER
+from lightning.pytorch.callbacks import TQDMProgressBar
 from safetensors.torch import save_file
 
 from wise_cl import checkpoints, key_statistics
@@ -485,11 +486,20 @@ def run_stream(tmp_path, callbacks, ckpt_path=None, num_edits=5, start=0, **sett
         max_epochs=1,
         logger=False,
         callbacks=[checkpoint, *callbacks],
-        enable_progress_bar=False,
+        enable_progress_bar=any(isinstance(callback, TQDMProgressBar) for callback in callbacks),
         default_root_dir=str(tmp_path),  # where a forgetting curve is written
     )
     trainer.fit(module, EditStreamDataModule("zsre", num_edits=num_edits, start=start), ckpt_path=ckpt_path)
     return module
+
+
+def test_a_resumed_stream_shows_its_progress_against_the_whole_stream(tmp_path):
+    with pytest.raises(SystemExit):
+        run_stream(tmp_path, [StopAfter(3)])
+    bar = TQDMProgressBar()
+    run_stream(tmp_path, [bar], ckpt_path=tmp_path / "last.ckpt")
+    # Lightning skips the epoch-start hook on a resume mid-epoch, which left the bar at "Training: 5/?"
+    assert (bar.train_progress_bar.total, bar.train_progress_bar.n, bar.train_progress_bar.desc) == (5, 5, "Epoch 0: ")
 
 
 @pytest.mark.parametrize("settings", [{}, {"shards_per_merge": 1, "shard_routers": True}], ids=["merge", "routers"])

@@ -108,6 +108,13 @@ class EditingModule(L.LightningModule):
         # collections stop walking their half a million objects (.2-.3 s each, every few dozen edits of a long stream)
         gc.freeze()
 
+    def on_train_start(self) -> None:
+        # Lightning skips `on_train_epoch_start` when it resumes mid-epoch, where the progress bar gets its total
+        # (TQDM showed "Training: 107/?", Rich no bar at all): give it that call
+        bar = self.trainer.progress_bar_callback
+        if bar is not None and self.trainer.fit_loop.restarted_mid_epoch:
+            bar.on_train_epoch_start(self.trainer, self)
+
     def on_train_end(self) -> None:
         self.strategy.flush()
 
