@@ -144,8 +144,13 @@ def test_a_fit_is_refused_a_named_run_folder_that_holds_a_checkpoint(tmp_path, c
     with pytest.raises(SystemExit, match=r"T2 already holds a run .*--ckpt_path last"):
         run_cli("fit", named, tmp_path, capsys)
     assert checkpoint.read_bytes() == saved
-    resumed, _ = run_cli("fit", [*named, "--ckpt_path=last"], tmp_path, capsys)
-    assert resumed["edits_done"] == 2
+    run_cli("fit", ["--data.num_edits=1", "--trainer.logger.init_args.version=newer"], tmp_path, capsys)
+    resumed, _ = run_cli("fit", [*named, "--ckpt_path=last"], tmp_path, capsys)  # its own, not the newest run's
+    assert (
+        resumed["edits_done"] == 2
+        and (tmp_path / "zsre_wise" / "T2" / "metrics.json").stat().st_mtime
+        > (tmp_path / "zsre_wise" / "newer" / "metrics.json").stat().st_mtime
+    )
 
 
 def test_a_checkpoint_is_scored_with_other_serving_settings_only(tmp_path, capsys):

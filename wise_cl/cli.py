@@ -80,9 +80,10 @@ class WiseCLI(LightningCLI):
         return trainer
 
     def before_instantiate_classes(self) -> None:
-        """`--ckpt_path last` is the newest `last.ckpt` of the config's run name; a resumed run logs into
-        the folder of the run it resumes (a TensorBoard logger's save_dir, name and version). A `fit` without
-        `ckpt_path` is refused a named version whose folder holds a checkpoint: it would start over on it."""
+        """`--ckpt_path last` is the newest `last.ckpt` of the config's run name (of its version, when named); a
+        resumed run logs into the folder of the run it resumes (a TensorBoard logger's save_dir, name and version).
+        A `fit` without `ckpt_path` is refused a named version whose folder holds a checkpoint: it would start over
+        on it."""
         config = self.config.get(str(self.subcommand), self.config)
         if "weights_only" in config:  # checkpoints hold tensors and plain values: load nothing else
             config.weights_only = True
@@ -101,7 +102,8 @@ class WiseCLI(LightningCLI):
             if init is None:
                 raise ValueError("ckpt_path: 'last' needs the TensorBoard logger, which names the run folders")
             runs = Path(init.save_dir, init.name)
-            found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+            named = "*" if init.get("version") is None else str(init.version)  # a named version: its own checkpoint
+            found = sorted(runs.glob(f"{named}/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
             if not found:
                 raise ValueError(f"ckpt_path: 'last', but {runs} holds no */checkpoints/last.ckpt")
             config.ckpt_path = str(found[-1])
