@@ -89,21 +89,24 @@ class WiseCLI(LightningCLI):
             config.weights_only = True
         logger = config.trainer.logger
         init = logger.init_args if logger and "TensorBoardLogger" in str(logger.class_path) else None
+        named = None  # the checkpoint of a named version (a TensorBoard logger's `version`)
+        if init is not None and init.get("version") is not None:
+            named = Path(init.save_dir, init.name, str(init.version), "checkpoints", "last.ckpt")
         if not config.get("ckpt_path"):
-            if self.subcommand == "fit" and init is not None and init.get("version") is not None:
-                checkpoint = Path(init.save_dir, init.name, str(init.version), "checkpoints", "last.ckpt")
-                if checkpoint.is_file():
-                    raise ValueError(
-                        f"{checkpoint.parent.parent} already holds a run (checkpoints/last.ckpt): resume it with"
-                        " --ckpt_path last, or start a new one under another --trainer.logger.init_args.version"
-                    )
+            if self.subcommand == "fit" and named is not None and named.is_file():
+                raise ValueError(
+                    f"{named.parent.parent} already holds a run (checkpoints/last.ckpt): resume it with"
+                    " --ckpt_path last, or start a new one under another --trainer.logger.init_args.version"
+                )
             return
         if config.ckpt_path == "last":
             if init is None:
                 raise ValueError("ckpt_path: 'last' needs the TensorBoard logger, which names the run folders")
             runs = Path(init.save_dir, init.name)
-            named = "*" if init.get("version") is None else str(init.version)  # a named version: its own checkpoint
-            found = sorted(runs.glob(f"{named}/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+            candidates = (
+                [named] if named else sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+            )
+            found = [path for path in candidates if path.is_file()]
             if not found:
                 raise ValueError(f"ckpt_path: 'last', but {runs} holds no */checkpoints/last.ckpt")
             config.ckpt_path = str(found[-1])
