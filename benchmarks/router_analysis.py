@@ -6,9 +6,10 @@ python -m wise_cl.benchmarks.router_analysis RUN [RUN ...] --out benchmarks/resu
 
 RUN is a `wise-cl fit` run folder of WISE (config.yaml, checkpoints/last.ckpt), e.g. the T=1, 10 and 100 runs
 of a `compare`. Each run is scored three ways on its own requests: `routed` (its thresholds), `side` (no
-threshold: every sequence to its best-scoring side memory) and `main` (every sequence to the main memory, the
-unedited model). Per prompt, the best memory's activation score as a share of that memory's threshold (above
-1: routed) is kept and drawn as one histogram per run and set. Writes router_analysis.json, .md and .png.
+threshold: every sequence to its best-scoring side memory, or with WISE-Merge's shard routers to the memory its
+best router answers with) and `main` (every sequence to the main memory, the unedited model). Per prompt, the
+routing memory's activation score as a share of that memory's threshold (above 1: routed) is kept and drawn as
+one histogram per run and set. Writes router_analysis.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ from wise_cl.provenance import code_version
 from wise_cl.side_memory import MAIN, route
 
 MODES = ("routed", "side", "main")
+OPEN_GATE = 1e-12  # positive, so that scores over it rank as the scores do (`route` with shard routers)
 
 
-def score_ratios(scores: torch.Tensor, thresholds: torch.Tensor) -> list[float]:
-    """Per prompt, the best memory's score over its threshold ([memories, prompts] scores): the route's margin."""
+def score_ratios(scores: torch.Tensor, thresholds: torch.Tensor, answers: list[int] | None) -> list[float]:
+    """Per prompt, the routing memory's score over its threshold ([memories, prompts] scores): the route's margin.
+    The routing memory is the highest-scoring one, or with `answers` (shard routers) the one that passes its
+    threshold by the largest factor, as `route` decides."""
+    if answers is not None:
+        return (scores / thresholds[:, None]).max(0).values.tolist()
     best, index = scores.max(0)
-    return (best / thresholds[index].clamp(min=1e-12)).tolist()
+    return (best / thresholds[index].clamp(min=OPEN_GATE)).tolist()
 
 
 def analyse_run(folder: Path) -> dict[str, Any]:
@@ -43,15 +49,17 @@ def analyse_run(folder: Path) -> dict[str, Any]:
     strategy, requests, reference = load_run(folder)
     sets = request_sets(requests)
     adapter = strategy.adapter
-    taus, thresholds = list(adapter.taus), torch.tensor(adapter.thresholds)
+    taus, thresholds, answers = list(adapter.taus), torch.tensor(adapter.thresholds), adapter.answers
     memory = {name: memory_scores(strategy, s.prompts, s.answers) for name, s in sets.items()}
-    ratios = {name: score_ratios(scores, thresholds) for name, scores in memory.items()}
+    ratios = {name: score_ratios(scores, thresholds, answers) for name, scores in memory.items()}
     references = {name: reference if name == "locality" else None for name in sets}
-    gates = {"routed": thresholds.tolist(), "side": [-math.inf] * len(taus), "main": [math.inf] * len(taus)}
+    # side: a threshold every score passes (a memory that only answers, threshold inf, still routes nothing)
+    side = [t if t == math.inf else OPEN_GATE for t in thresholds.tolist()]
+    gates = {"routed": thresholds.tolist(), "side": side, "main": [math.inf] * len(taus)}
     scores: dict[str, dict[str, float]] = {}
     with restored_serving(adapter):
         for mode in MODES:
-            adapter.serve(taus, gates[mode])
+            adapter.serve(taus, gates[mode], answers)
             scores[mode] = {
                 name: float(accuracy(strategy, s.prompts, s.answers, references[name]).nanmean())
                 for name, s in sets.items()
@@ -62,7 +70,7 @@ def analyse_run(folder: Path) -> dict[str, Any]:
         "memories": len(taus),
         "scores": scores,
         "routed_share": {
-            name: float((route(values, thresholds) != MAIN).float().mean()) for name, values in memory.items()
+            name: float((route(values, thresholds, answers) != MAIN).float().mean()) for name, values in memory.items()
         },
         "median_score_ratio": {name: statistics.median(values) for name, values in ratios.items()},
         "score_ratios": ratios,

@@ -261,6 +261,25 @@ def test_router_analysis_scores_routed_side_and_main_and_the_route_margins(tmp_p
     assert result["scores"]["side"]["reliability"] >= result["scores"]["main"]["reliability"]
 
 
+def test_router_analysis_routes_through_shard_routers_to_the_merged_memory_as_the_run_did(tmp_path, monkeypatch):
+    settings = ("edits_per_shard=1", "shards_per_merge=1", "calibration_texts=0", "shard_routers=true")
+    args = TINY_WISE + [f"--model.strategy.{key}" for key in settings]
+    metrics = run_chunk(Path("configs/zsre_wise.yaml"), "wise", 3, 0, tmp_path, args)
+    run = tmp_path / "tensorboard" / "wise" / "T3-chunk0"
+    own = routing_report(run)["act_ratio"][0]
+    monkeypatch.setattr("sys.argv", ["router_analysis", str(run), "--out", str(tmp_path / "out")])
+    router_analysis()
+    (result,) = json.loads((tmp_path / "out" / "router_analysis.json").read_text())["runs"]
+    assert result["memories"] == 4  # three routers and the merged memory, which only answers
+    for name in ("reliability", "generalization", "locality"):
+        assert result["scores"]["routed"][name] == pytest.approx(metrics[name], abs=1e-6)
+        assert result["routed_share"][name] == own[f"{name}_routed"]
+    # every edit prompt passes its router, so the margins are those of a route (not a score over inf)
+    assert result["routed_share"]["reliability"] == 1.0
+    assert min(result["score_ratios"]["reliability"]) > 1.0
+    assert result["scores"]["side"]["reliability"] == result["scores"]["routed"]["reliability"]
+
+
 def test_stream_costs_read_a_resumed_run_s_event_files_in_the_order_they_were_written(tmp_path):
     names = ["events.out.tfevents.1700000100.vm.local.12.0", "events.out.tfevents.1700000100.vm.local.12.1"]
     names.insert(0, "events.out.tfevents.999999999.vm.local.7.0")  # an earlier second, one digit fewer
