@@ -502,6 +502,15 @@ def test_a_resumed_stream_shows_its_progress_against_the_whole_stream(tmp_path):
     assert (bar.train_progress_bar.total, bar.train_progress_bar.n, bar.train_progress_bar.desc) == (5, 5, "Epoch 0: ")
 
 
+def test_a_stopped_stream_has_its_forgetting_curve_so_far(tmp_path):
+    curve = ForgettingCurve(every_n_edits=1)
+    with pytest.raises(SystemExit):
+        run_stream(tmp_path, [curve, StopAfter(2)])
+    written = json.loads((tmp_path / "forgetting_curve.json").read_text())
+    assert [point["edits"] for point in written] == [1, 2] and written == curve.history
+    assert (tmp_path / "forgetting_curve.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("settings", [{}, {"shards_per_merge": 1, "shard_routers": True}], ids=["merge", "routers"])
 def test_checkpoint_kill_and_resume_gives_the_same_side_memory(tmp_path, settings):
     whole = run_stream(tmp_path / "whole", [], **settings)

@@ -138,11 +138,11 @@ class ForgettingCurve(Callback):
     """Every `every_n_edits` edits, re-score all edits seen so far and log the forgetting curves.
 
     Logs mean reliability, generalization, locality, target perplexity and forgetting (best reliability seen
-    minus current, per request) against the number of edits; at the end writes the points to
-    `forgetting_curve.json` and draws them in `forgetting_curve.png`, both in the run folder. On long streams
-    `max_requests` bounds each point's cost: every k-th edit seen is scored (k = stream length / `max_requests`,
-    rounded up), the same edits at every point; 0 scores them all. `also_at` adds points off the period (after 955
-    edits, say, where no merge or spawn has just happened).
+    minus current, per request) against the number of edits; after each point writes the points so far to
+    `forgetting_curve.json` and draws them in `forgetting_curve.png`, both in the run folder, so a stream still
+    running, or stopped, has its curve. On long streams `max_requests` bounds each point's cost: every k-th edit
+    seen is scored (k = stream length / `max_requests`, rounded up), the same edits at every point; 0 scores them
+    all. `also_at` adds points off the period (after 955 edits, say, where no merge or spawn has just happened).
     """
 
     def __init__(self, every_n_edits: int = 10, max_requests: int = 0, also_at: tuple[int, ...] = ()) -> None:
@@ -171,6 +171,11 @@ class ForgettingCurve(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in point.items()}, step=done)
         self.history.append({"edits": done, "scored": len(scored), **point})
+        if trainer.log_dir:
+            folder = Path(trainer.log_dir)
+            folder.mkdir(parents=True, exist_ok=True)  # before the first checkpoint makes it
+            (folder / "forgetting_curve.json").write_text(json.dumps(self.history, indent=1) + "\n")
+            plot_curves({pl_module.strategy.name: self.history}, folder / "forgetting_curve.png")
 
     def _grown(self, total: int) -> Forgetting:
         """A `Forgetting` over `total` requests holding what the current one has seen."""
@@ -179,12 +184,6 @@ class ForgettingCurve(Callback):
             old = getattr(self.forgetting, name)
             getattr(grown, name)[: len(old)] = old
         return grown
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.history and trainer.log_dir:
-            folder = Path(trainer.log_dir)
-            (folder / "forgetting_curve.json").write_text(json.dumps(self.history, indent=1) + "\n")
-            plot_curves({pl_module.strategy.name: self.history}, folder / "forgetting_curve.png")
 
     def state_dict(self) -> dict[str, Any]:
         states = {k: getattr(self.forgetting, k) for k in ("best", "current", "seen")} if self.forgetting else None
