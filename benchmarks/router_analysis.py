@@ -39,7 +39,7 @@ def score_ratios(scores: torch.Tensor, thresholds: torch.Tensor, answers: list[i
     The routing memory is the highest-scoring one, or with `answers` (shard routers) the one that passes its
     threshold by the largest factor, as `route` decides."""
     if answers is not None:
-        return (scores / thresholds[:, None]).max(0).values.tolist()
+        return (scores / thresholds[:, None].clamp(min=OPEN_GATE)).max(0).values.tolist()
     best, index = scores.max(0)
     return (best / thresholds[index].clamp(min=OPEN_GATE)).tolist()
 
