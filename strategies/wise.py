@@ -111,6 +111,9 @@ class WISE(LinearEditStrategy):
         negative_prompts: JSON list of those prompts (`bundled`: 2000 CounterFact training-split prompts whose
             subjects no bundled file mentions).
         retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
+        merges_per_memory: WISE-Retrieve: a memory takes this many merges (each of `shards_per_merge` shards,
+            merged into it as WISE-Merge merges) before it is frozen, so it holds `edits_per_shard` x
+            `shards_per_merge` x this many edits (1: frozen after its first merge).
         shard_routers: WISE-Merge: keep each shard as it closes to route beside the merged memory, which
             answers every sequence a shard passes (by the largest factor over its threshold) and is not routed
             on its own scores: one merged memory's scores cannot tell its edits from others asked the same
@@ -197,6 +200,7 @@ class WISE(LinearEditStrategy):
         prompt_negatives: int = 0,
         negative_prompts: str = "bundled",
         retrieve: bool = False,
+        merges_per_memory: int = 1,
         shard_routers: bool = False,
         replay: int = 0,
         rival_margin: float = 0.0,
@@ -223,7 +227,11 @@ class WISE(LinearEditStrategy):
         for name, value in (("mask_ratio", mask_ratio), ("merge_density", merge_density)):
             require(0 < value <= 1, name, "in (0, 1]", value)
         require(0 < calibration_quantile <= 1, "calibration_quantile", "in (0, 1]", calibration_quantile)
-        for name, value in (("edits_per_shard", edits_per_shard), ("shards_per_merge", shards_per_merge)):
+        for name, value in (
+            ("edits_per_shard", edits_per_shard),
+            ("shards_per_merge", shards_per_merge),
+            ("merges_per_memory", merges_per_memory),
+        ):
             require(value >= 1, name, "at least 1", value)
         for name, value in (("n_iter", n_iter), ("num_irrelevant", num_irrelevant), ("context_length", context_length)):
             require(value >= 1, name, "at least 1", value)
@@ -252,6 +260,7 @@ class WISE(LinearEditStrategy):
             require(value >= 0, name, "at least 0", value)
         require(route_candidates >= 1, "route_candidates", "at least 1", route_candidates)
         require(not (shard_routers and retrieve), "shard_routers", "false with retrieve: true", shard_routers)
+        require(retrieve or merges_per_memory == 1, "merges_per_memory", "1 without retrieve: true", merges_per_memory)
         require(0 <= num_context <= len(PREFIX_SEEDS), "num_context", f"in [0, {len(PREFIX_SEEDS)}]", num_context)
         require(
             0 <= retrain_contexts <= num_context,
@@ -261,7 +270,7 @@ class WISE(LinearEditStrategy):
         )
         self.layer, self.mask_ratio, self.seed = layer, mask_ratio, seed
         self.edits_per_shard, self.shards_per_merge, self.retrieve = edits_per_shard, shards_per_merge, retrieve
-        self.shard_routers = shard_routers
+        self.shard_routers, self.merges_per_memory = shard_routers, merges_per_memory
         self.merge_method, self.merge_density, self.prior_merge_weight = merge_method, merge_density, prior_merge_weight
         self.alpha, self.beta, self.gamma, self.act_ratio = alpha, beta, gamma, act_ratio
         self.act_loss_weight, self.act_loss_form, self.weight_bound = act_loss_weight, act_loss_form, weight_bound
@@ -644,8 +653,9 @@ class WISE(LinearEditStrategy):
         return [edits[i] for i in sorted(picked)] + edits[older:]
 
     def memory_complete(self) -> bool:
-        """WISE-Retrieve: the current memory has been merged, so it is ready to freeze."""
-        return self.memory.merged is not None
+        """WISE-Retrieve: the current memory has taken its `merges_per_memory` merges, so it is ready to freeze."""
+        capacity = self.edits_per_shard * self.shards_per_merge * self.merges_per_memory
+        return self.memory.merged is not None and len(self.memory.edits) >= capacity
 
     def spawn(self) -> None:
         """WISE-Retrieve: freeze the merged memory with its threshold and start an empty one."""

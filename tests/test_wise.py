@@ -365,6 +365,21 @@ def test_shards_merge_and_retrieve_spawn(tiny, zsre10):
     assert strategy.describe()["subspace_overlap"] == pytest.approx(0.2, abs=0.03)
 
 
+def test_a_retrieve_memory_takes_its_merges_before_it_is_frozen(tiny, zsre10):
+    strategy = small_wise(retrieve=True, edits_per_shard=1, shards_per_merge=1, merges_per_memory=3, n_iter=2)
+    strategy.prepare(*tiny)
+    edit_requests(strategy, zsre10[:2], lifecycle=True)
+    # two merges of one shard each: still the memory under edit, holding both edits, nothing frozen
+    assert not strategy.memory.frozen and len(strategy.memory.edits) == 2
+    merged = strategy.memory.merged.clone()
+    edit_requests(strategy, zsre10[2:4], start=2, lifecycle=True)
+    # the third merge completes it: frozen with all three edits' merge, the fourth edit opens the next memory
+    assert len(strategy.memory.frozen) == 1 and [e.prompt for e in strategy.memory.edits] == [zsre10[3].prompt]
+    assert not torch.equal(strategy.memory.frozen[0].tau, merged)
+    with pytest.raises(ValueError, match="merges_per_memory"):
+        small_wise(merges_per_memory=2)
+
+
 def test_open_shard_serves_next_to_the_closed_part_with_its_own_threshold(tiny, zsre10):
     strategy = small_wise(edits_per_shard=2, shards_per_merge=2, n_iter=4)
     strategy.prepare(*tiny)
