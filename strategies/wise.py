@@ -110,7 +110,7 @@ class WISE(LinearEditStrategy):
             relation in other words, which the subject-swapped copies (the edit's own words) do not cover (0: off).
         negative_prompts: JSON list of those prompts (`bundled`: 2000 CounterFact training-split prompts whose
             subjects no bundled file mentions).
-        retrieve: WISE-Retrieve: each merged memory is frozen and a new one started.
+        retrieve: WISE-Retrieve: each merged memory is frozen (after `merges_per_memory` merges) and a new one started.
         merges_per_memory: WISE-Retrieve: a memory takes this many merges (each of `shards_per_merge` shards,
             merged into it as WISE-Merge merges) before it is frozen, so it holds `edits_per_shard` x
             `shards_per_merge` x this many edits (1: frozen after its first merge).

@@ -43,13 +43,14 @@ class Memory:
 class ShardedMemory:
     """The side memory under edit, and the frozen ones before it.
 
-    The open shard's task vector `tau` trains inside a random mask (`mask_ratio` of the entries, a new
-    mask per shard); after `edits_per_shard` edits it closes, and after `shards_per_merge` closed shards
-    they are merged (with the earlier merge) into `merged`. WISE-Retrieve then freezes `merged` and
-    starts an empty memory. Served: the frozen memories, the closed part (merge of what is closed) and
-    the open shard, each routed on its own; the open shard joins the merge only when its group is
-    complete, as in the paper's code. With `shard_routers` each closed shard is also kept as it closed, to
-    route (on its own scores and threshold) to the merged memory, which then answers for all of them.
+    The open shard's task vector `tau` trains inside a random mask (`mask_ratio` of the entries, a new mask per
+    shard); after `edits_per_shard` edits it closes, and after `shards_per_merge` closed shards they are merged
+    (with the earlier merge) into `merged`. WISE-Retrieve freezes `merged` once the memory is full (the
+    strategy's `merges_per_memory`) and starts an empty memory. Served: the frozen memories, the closed part
+    (merge of what is closed) and the open shard, each routed on its own; the open shard joins the merge only
+    when its group is complete, as in the paper's code. With `shard_routers` each closed shard is also kept as
+    it closed, to route (on its own scores and threshold) to the merged memory, which then answers for all of
+    them.
 
     Args:
         like: the main memory's weight (shape, dtype and device of every task vector).
